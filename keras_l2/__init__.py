@@ -1,0 +1,31 @@
+"""keras_l2: L2 regularization exactly where you want it, for Keras 3.
+
+Three interchangeable routes apply the same math (see `keras_l2.l2_math`) to
+the kernels of chosen Dense layers only:
+
+- `L2Regularizer` / `regularize`: a Keras regularizer on each chosen kernel;
+- `L2CategoricalCrossentropy`: cross-entropy plus the penalty of all chosen kernels;
+- `L2DecayOptimizer`: the decay applied by hand in any optimizer's update,
+  coupled (L2 in the gradient) or decoupled (AdamW-style weight decay).
+"""
+
+from keras_l2 import l2_math
+from keras_l2.loss import L2CategoricalCrossentropy
+from keras_l2.optimizer import L2DecayOptimizer
+from keras_l2.regularizer import L2Regularizer, regularize
+from keras_l2.routes import L2Routes, l2_routes, set_l2
+from keras_l2.selection import select_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "L2CategoricalCrossentropy",
+    "L2DecayOptimizer",
+    "L2Regularizer",
+    "L2Routes",
+    "l2_math",
+    "l2_routes",
+    "regularize",
+    "select_layers",
+    "set_l2",
+]

@@ -1,0 +1,53 @@
+"""Validation of user input, shared by every public entry point.
+
+Each check raises before any training starts, with a message that names the
+bad value and what is allowed (Keras' own convention).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+MODES = ("coupled", "decoupled")
+
+
+def check_l2(l2: object) -> float:
+    """Returns `l2` as a float after checking that it is a finite number >= 0."""
+    if isinstance(l2, bool) or not isinstance(l2, numbers.Real):
+        raise TypeError(
+            "`l2` must be a finite float >= 0 (the regularization strength "
+            f"lambda). Received: l2={l2!r} of type {type(l2).__name__}"
+        )
+    value = float(l2)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            "`l2` must be a finite float >= 0 (the regularization strength "
+            f"lambda). Received: l2={l2!r}"
+        )
+    return value
+
+
+def check_n(n: object) -> int:
+    """Returns `n` after checking that it is an integer >= 1."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(
+            "`n` must be an integer >= 1 (the number of training examples). "
+            f"Received: n={n!r} of type {type(n).__name__}"
+        )
+    if n < 1:
+        raise ValueError(
+            "`n` must be an integer >= 1 (the number of training examples). "
+            f"Received: n={n!r}"
+        )
+    return int(n)
+
+
+def check_mode(mode: object) -> str:
+    """Returns `mode` after checking that it is one of `MODES`."""
+    if mode not in MODES:
+        raise ValueError(
+            f'Expected `mode` to be one of {{"coupled", "decoupled"}}. '
+            f"Received: mode={mode!r}"
+        )
+    return str(mode)

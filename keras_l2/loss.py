@@ -1,0 +1,143 @@
+"""Route 2: L2 added to the categorical cross-entropy."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+
+from keras_l2 import l2_math
+from keras_l2._checks import check_l2, check_n
+from keras_l2.selection import check_in_model, check_layers, select_layers
+
+
+@keras.saving.register_keras_serializable(package="keras_l2")
+class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
+    """Categorical cross-entropy plus the L2 penalty of the chosen kernels.
+
+    The note's regularized loss, with the penalty over *all* chosen weight
+    matrices, not only the output layer's:
+
+        loss = reduce(CCE(y_true, y_pred)) + l2 / n * sum_l ||W_l||_F^2
+
+    The penalty is added once, after the reduction, so the data term keeps its
+    meaning (the batch mean under Keras' default `"sum_over_batch_size"`).
+    With `reduction=None`/`"none"` the penalty is added to every element, so
+    that the mean of the returned vector is the regularized loss.
+    `from_logits`, `label_smoothing`, `axis`, `reduction` and `dtype` are
+    those of `keras.losses.CategoricalCrossentropy`.
+
+    The gradient of the penalty, `2 * l2 / n * W`, is supplied in closed form
+    (see `keras_l2.l2_math`), so the penalty costs no extra autodiff.
+
+    Args:
+        l2: lambda, a finite float >= 0. Defaults to 0.01.
+        n: the number of training examples, an integer >= 1. Defaults to 1.
+        layers: the Dense layers whose kernels are penalised (what
+            `keras_l2.select_layers` returns). Layer names are also accepted:
+            they are resolved against the model that calls the loss.
+        **kwargs: passed to `keras.losses.CategoricalCrossentropy`.
+
+    A loss restored from a config (e.g. by `keras.saving.load_model`) knows
+    its layers by name and binds itself to the model that calls it, on its
+    first call; `bind(model)` does the same explicitly.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_l2 import L2CategoricalCrossentropy, select_layers
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+    ...                           keras.layers.Dense(3, activation="softmax")])
+    >>> loss = L2CategoricalCrossentropy(l2=1e-3, n=1000, layers=select_layers(model))
+    >>> model.compile(optimizer="sgd", loss=loss)
+    """
+
+    def __init__(self, l2: float = 0.01, n: int = 1, layers=None, name="l2_categorical_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.l2 = l2
+        self.n = check_n(n)
+        if layers is not None and not isinstance(layers, keras.layers.Layer) and all(
+            isinstance(layer, str) for layer in layers
+        ) and len(layers) > 0:
+            self._layers = None
+            self._layer_names = tuple(layers)
+        else:
+            self._layers = check_layers(layers)
+            self._layer_names = tuple(layer.name for layer in self._layers)
+        self._checked_model = None
+
+    @property
+    def l2(self) -> float:
+        return self._l2
+
+    @l2.setter
+    def l2(self, value: float) -> None:
+        # A compiled model sees a new lambda after a retrace:
+        # `keras_l2.set_l2(model, value)` does both.
+        self._l2 = check_l2(value)
+
+    @property
+    def layers(self) -> tuple:
+        """The chosen Dense layers (empty until bound, for a loss from a config)."""
+        return self._layers or ()
+
+    @property
+    def layer_names(self) -> tuple:
+        return self._layer_names
+
+    def bind(self, model) -> "L2CategoricalCrossentropy":
+        """Resolves the chosen layers against `model` and checks they are its own."""
+        if self._layers is None:
+            self._layers = tuple(select_layers(model, names=list(self._layer_names)))
+        else:
+            check_in_model(self._layers, model)
+        self._checked_model = model
+        return self
+
+    def penalty(self, dtype=None):
+        """Returns `l2 / n * sum_l ||W_l||_F^2` for the chosen kernels, on the device."""
+        if self._layers is None:
+            raise ValueError(
+                f"This loss knows its layers only by name ({list(self._layer_names)}) "
+                "and has not been bound to a model yet: call `loss.bind(model)`."
+            )
+        kernels = [layer.kernel for layer in self._layers]
+        return l2_math.penalty(kernels, self.l2, self.n, dtype=dtype)
+
+    def data_loss(self, y_true, y_pred, sample_weight=None):
+        """The reduced cross-entropy alone, without the penalty."""
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if self._checked_model is None:
+            model = _calling_model(self)
+            if model is not None:
+                self.bind(model)
+        value = self.data_loss(y_true, y_pred, sample_weight=sample_weight)
+        return keras.ops.add(value, self.penalty(dtype=value.dtype))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"l2": self.l2, "n": self.n, "layers": list(self._layer_names)})
+        return config
+
+
+def _calling_model(loss):
+    """The model whose compiled loss `loss` is, found among the callers.
+
+    Keras hands a loss no reference to its model, and a loss restored from a
+    config only knows its layers by name. `Trainer.compute_loss` is always on
+    the stack when Keras calls a compiled loss, with `self` the model.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, keras.Model) and any(
+                item is loss for item in keras.tree.flatten(getattr(candidate, "loss", None))
+            ):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None

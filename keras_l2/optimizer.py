@@ -1,0 +1,253 @@
+"""Route 3: L2 applied by hand in the optimizer's update."""
+
+from __future__ import annotations
+
+import keras
+from keras import initializers, ops
+
+from keras_l2 import l2_math
+from keras_l2._checks import check_l2, check_mode, check_n
+from keras_l2.selection import check_layers
+
+
+def _kernel_layer_name(variable) -> str | None:
+    """`"dense_1"` for a variable whose path ends in `dense_1/kernel`."""
+    parts = variable.path.split("/")
+    if len(parts) >= 2 and parts[-1] == "kernel":
+        return parts[-2]
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_l2")
+class L2DecayOptimizer(keras.optimizers.Optimizer):
+    """Wraps any Keras optimizer and applies L2 to chosen kernels by hand.
+
+    Two modes, following MATH.md:
+
+    - `"coupled"`: L2 in the gradient. Each chosen kernel's gradient becomes
+      `g + 2 * l2 / n * W` before the wrapped optimizer sees it. For every
+      optimizer this is exactly what `L2Regularizer` / `L2CategoricalCrossentropy`
+      give.
+    - `"decoupled"`: weight decay. The wrapped optimizer updates with the plain
+      gradient, and each chosen kernel also decays:
+      `W <- W - W * (2 * l2 / n) * lr`, with `lr` the wrapped optimizer's current
+      learning rate (schedules included). This weight decay is multiplied by
+      the learning rate, as in Keras and AdamW. It is applied before the
+      wrapped update, from the weights of the start of the step, exactly as
+      Keras applies its own `weight_decay`. With plain SGD both modes are the
+      same update; with Adam, `"decoupled"` is AdamW with
+      `weight_decay = 2 * l2 / n` on the chosen kernels only.
+
+    Biases and layers that were not chosen are left to the wrapped optimizer
+    alone. Lambda lives in an optimizer variable (`optimizer.l2` reads and
+    sets it), so it can change during training without a retrace, on every
+    backend.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` to wrap.
+        l2: lambda, a finite float >= 0. Defaults to 0.01.
+        n: the number of training examples, an integer >= 1. Defaults to 1.
+        layers: the Dense layers whose kernels decay (what
+            `keras_l2.select_layers` returns). Layer names are accepted too
+            (used when restoring from a config): they are matched against the
+            variables the optimizer is built with.
+        mode: `"coupled"` (default) or `"decoupled"`.
+        name: the optimizer's name.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_l2 import L2DecayOptimizer, select_layers
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+    ...                           keras.layers.Dense(3, activation="softmax")])
+    >>> optimizer = L2DecayOptimizer(keras.optimizers.Adam(1e-3), l2=1e-4, n=1000,
+    ...                              layers=select_layers(model), mode="decoupled")
+    >>> model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    """
+
+    def __init__(self, optimizer, l2: float = 0.01, n: int = 1, layers=None, mode: str = "coupled", name=None, **kwargs):
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`optimizer` must be a `keras.optimizers.Optimizer` instance "
+                "(e.g. `keras.optimizers.Adam(1e-3)`). Received: "
+                f"optimizer={optimizer!r} of type {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, L2DecayOptimizer):
+            raise ValueError(
+                "`optimizer` is already an L2DecayOptimizer; wrapping it twice "
+                "would apply the decay twice."
+            )
+        l2, n, mode = check_l2(l2), check_n(n), check_mode(mode)
+        if mode == "decoupled" and optimizer.gradient_accumulation_steps:
+            raise ValueError(
+                "mode='decoupled' does not support a wrapped optimizer with "
+                "`gradient_accumulation_steps` (the decay would be applied on "
+                "every micro-batch). Received: gradient_accumulation_steps="
+                f"{optimizer.gradient_accumulation_steps!r}. Use mode='coupled'."
+            )
+        if layers is not None and not isinstance(layers, keras.layers.Layer) and len(layers) > 0 and all(
+            isinstance(layer, str) for layer in layers
+        ):
+            layer_names, kernel_ids = tuple(layers), None
+        else:
+            chosen = check_layers(layers)
+            layer_names, kernel_ids = tuple(layer.name for layer in chosen), tuple(id(layer.kernel) for layer in chosen)
+        if kwargs:
+            raise TypeError(f"Unexpected keyword arguments for L2DecayOptimizer: {sorted(kwargs)}")
+        super().__init__(learning_rate=0.0, name=name or "l2_decay_optimizer")
+        self.inner_optimizer = optimizer
+        self._initial_l2, self.n, self.mode = l2, n, mode
+        self._layer_names = layer_names
+        # Identities, not the variables: Keras' tracker would adopt the model's
+        # kernels as optimizer variables (and JAX would donate them twice).
+        self._chosen_kernel_ids = kernel_ids
+        self._chosen_ids: frozenset = frozenset()
+
+    @property
+    def layer_names(self) -> tuple:
+        """Names of the layers whose kernels decay."""
+        return self._layer_names
+
+    @property
+    def chosen_variables(self) -> list:
+        """The kernel variables that decay (known once the optimizer is built)."""
+        return [v for v in self._trainable_variables if id(v) in self._chosen_ids]
+
+    @property
+    def l2(self):
+        """Lambda: the variable's value once built, else the constructor's float."""
+        if self.built:
+            return float(ops.convert_to_numpy(self._l2_variable))
+        return self._initial_l2
+
+    @l2.setter
+    def l2(self, value: float) -> None:
+        value = check_l2(value)
+        self._initial_l2 = value
+        if self.built:
+            self._l2_variable.assign(value)
+
+    @property
+    def l2_variable(self):
+        """The optimizer variable that holds lambda (for in-graph use)."""
+        return self._l2_variable
+
+    def build(self, var_list):
+        # Keras' LossScaleOptimizer builds the same way: own state, then the
+        # wrapped optimizer on the same variables.
+        self._chosen_ids = frozenset(id(v) for v in self._resolve_chosen(var_list))
+        self._l2_variable = self.add_variable(
+            shape=(),
+            initializer=initializers.Constant(self._initial_l2),
+            aggregation="only_first_replica",
+            name="l2",
+        )
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    def _resolve_chosen(self, var_list) -> list:
+        if self._chosen_kernel_ids is not None:
+            known = {id(v): v for v in var_list}
+            for layer_name, kernel_id in zip(self._layer_names, self._chosen_kernel_ids):
+                if kernel_id not in known:
+                    raise ValueError(
+                        f"Layer {layer_name!r} is not part of the model this optimizer "
+                        "trains (its kernel is not among the trainable variables, "
+                        "so it belongs to another model or is frozen). Trainable "
+                        f"Dense kernels: {_kernel_names(var_list)}"
+                    )
+            return [known[kernel_id] for kernel_id in self._chosen_kernel_ids]
+        by_name: dict[str, list] = {}
+        for v in var_list:
+            name = _kernel_layer_name(v)
+            if name is not None:
+                by_name.setdefault(name, []).append(v)
+        chosen = []
+        for name in self._layer_names:
+            matches = by_name.get(name, [])
+            if len(matches) != 1:
+                problem = "has no trainable kernel" if not matches else "is ambiguous"
+                raise ValueError(
+                    f"Layer name {name!r} {problem} among the variables this optimizer "
+                    f"is built with. Trainable kernels: {_kernel_names(var_list)}"
+                )
+            chosen.append(matches[0])
+        return chosen
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError("Call `build(variables)` or pass `trainable_variables` first.")
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+            self.built = True
+        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        grads = list(grads)
+        if self.mode == "coupled":
+            scale = self._inner_loss_scale()
+            grads = [
+                self._coupled(g, v, scale) if g is not None and id(v) in self._chosen_ids else g
+                for g, v in zip(grads, variables)
+            ]
+        else:
+            lr = self.inner_optimizer.learning_rate
+            for g, v in zip(grads, variables):
+                if g is not None and id(v) in self._chosen_ids:
+                    v.assign(l2_math.decayed(v, self._l2_variable, self.n, lr))
+        self.inner_optimizer.apply(grads, variables)
+
+    def _coupled(self, grad, variable, scale):
+        if scale is None:
+            return l2_math.add_penalty_gradient(grad, variable, self._l2_variable, self.n)
+        # The wrapped optimizer divides the gradients by its loss scale; the
+        # penalty's gradient must arrive scaled like the data gradient.
+        term = l2_math.penalty_gradient(variable, self._l2_variable, self.n)
+        return ops.add(grad, ops.multiply(term, ops.cast(scale, grad.dtype)))
+
+    def _inner_loss_scale(self):
+        inner = self.inner_optimizer
+        if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+            return inner.dynamic_scale
+        return inner.loss_scale_factor
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "l2": self.l2,
+            "n": self.n,
+            "layers": list(self._layer_names),
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+def _kernel_names(var_list) -> list:
+    return [v.path for v in var_list if _kernel_layer_name(v) is not None]

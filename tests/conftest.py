@@ -1,0 +1,28 @@
+"""Shared fixtures. The Keras backend comes from KERAS_BACKEND (set by `make test`)."""
+
+import os
+
+# JAX silently computes in float32 unless x64 is enabled before it is imported.
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Each test starts from float32 defaults, a fixed seed and fresh layer names."""
+    keras.config.set_floatx("float32")
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_floatx("float32")
+
+
+@pytest.fixture
+def float64():
+    """Makes Keras build float64 layers, variables and losses for this test."""
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx("float32")
