@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import keras
-from keras import initializers, ops
+from keras import ops
 
 from keras_l2 import l2_math
 from keras_l2._checks import check_l2, check_mode, check_n
@@ -136,11 +136,16 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         # Keras' LossScaleOptimizer builds the same way: own state, then the
         # wrapped optimizer on the same variables.
         self._chosen_ids = frozenset(id(v) for v in self._resolve_chosen(var_list))
+        initial = self._initial_l2
+
+        def exact_constant(shape, dtype=None):
+            # Not `initializers.Constant`: on TensorFlow it rounds the Python
+            # float through float32 before a float64 variable sees it. (And no
+            # `assign` here: TensorFlow may build inside a traced function.)
+            return ops.convert_to_tensor(initial, dtype=dtype)
+
         self._l2_variable = self.add_variable(
-            shape=(),
-            initializer=initializers.Constant(self._initial_l2),
-            aggregation="only_first_replica",
-            name="l2",
+            shape=(), initializer=exact_constant, aggregation="only_first_replica", name="l2"
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)

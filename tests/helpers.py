@@ -53,3 +53,57 @@ def data(examples: int = 24, inputs: int = 5, classes: int = 3, seed: int = 0):
     x = rng.normal(size=(examples, inputs))
     y = np.eye(classes)[rng.integers(0, classes, examples)]
     return x, y
+
+
+ROUTES = ("regularizer", "loss", "coupled", "decoupled")
+
+
+def compile_route(model, route: str, optimizer, l2: float, n: int, layers, **compile_kwargs):
+    """Compiles `model` with L2 applied through one of the four routes (or "none")."""
+    from keras_l2 import L2CategoricalCrossentropy, L2DecayOptimizer, regularize
+
+    loss = "categorical_crossentropy"
+    if route == "regularizer":
+        regularize(model, l2=l2, n=n, layers=layers)
+    elif route == "loss":
+        loss = L2CategoricalCrossentropy(l2=l2, n=n, layers=layers)
+    elif route in ("coupled", "decoupled"):
+        optimizer = L2DecayOptimizer(optimizer, l2=l2, n=n, layers=layers, mode=route)
+    elif route != "none":
+        raise ValueError(route)
+    model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
+    return model
+
+
+def reference_gd(weights0, x, y, lr: float, n: int, lambdas, chosen=(True, True)):
+    """The note's network in NumPy, written out by hand (MATH.md), full-batch GD.
+
+    weights0: [W1, b1, W2, b2]; `lambdas[t]` is the lambda of step t;
+    `chosen[l]` says whether layer l's kernel is regularized.
+    Returns the weights after `len(lambdas)` steps.
+    """
+    w1, b1, w2, b2 = (np.array(w, dtype=np.float64) for w in weights0)
+    examples = x.shape[0]
+    for lam in lambdas:
+        z1 = x @ w1 + b1
+        a1 = np.maximum(z1, 0.0)
+        z2 = a1 @ w2 + b2
+        e = np.exp(z2 - z2.max(axis=1, keepdims=True))
+        a2 = e / e.sum(axis=1, keepdims=True)
+        dz2 = (a2 - y) / examples  # d(mean CCE)/dZ2 for softmax + CCE
+        dw2 = a1.T @ dz2 + (2 * lam / n * w2 if chosen[1] else 0.0)
+        db2 = dz2.sum(axis=0)
+        dz1 = (dz2 @ w2.T) * (z1 > 0)
+        dw1 = x.T @ dz1 + (2 * lam / n * w1 if chosen[0] else 0.0)
+        db1 = dz1.sum(axis=0)
+        w1, b1, w2, b2 = w1 - lr * dw1, b1 - lr * db1, w2 - lr * dw2, b2 - lr * db2
+    return [w1, b1, w2, b2]
+
+
+def reference_loss(weights, x, y, l2: float, n: int) -> tuple[float, float]:
+    """(mean CCE, penalty) of the note's network in NumPy."""
+    w1, b1, w2, b2 = weights
+    z2 = np.maximum(x @ w1 + b1, 0.0) @ w2 + b2
+    log_p = z2 - z2.max(axis=1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    return float(-(y * log_p).sum(axis=1).mean()), l2 / n * float((w1**2).sum() + (w2**2).sum())

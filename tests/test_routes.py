@@ -1,0 +1,154 @@
+"""The three routes against a from-scratch NumPy network and against each other."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, weights
+
+from keras_l2 import L2DecayOptimizer, select_layers
+
+pytestmark = pytest.mark.core
+
+X, Y = data(examples=24)
+N = 24  # the note's n: the number of training examples
+L2 = 0.05
+STEPS = 25
+LR = 0.5
+
+
+def _tolerance() -> float:
+    # Keras on torch drifts ~1e-8 per float64 step from NumPy even without
+    # any regularization; TensorFlow and JAX (x64) stay at rounding level.
+    return 1e-6 if keras.backend.backend() == "torch" else 1e-8
+
+
+def _train(route, optimizer, layer_names=("hidden", "out"), steps=STEPS, l2=L2):
+    model = mlp()
+    compile_route(model, route, optimizer, l2, N, select_layers(model, names=list(layer_names)))
+    initial = weights(model)
+    model.fit(X, Y, batch_size=len(X), epochs=steps, shuffle=False, verbose=0)
+    return initial, weights(model)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_route_matches_numpy_reference(float64, route):
+    initial, final = _train(route, keras.optimizers.SGD(LR))
+    expected = reference_gd(initial, X, Y, LR, N, [L2] * STEPS)
+    for got, want in zip(final, expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance())
+    # The regularization mattered: an unregularized reference is far away.
+    plain = reference_gd(initial, X, Y, LR, N, [0.0] * STEPS)
+    assert np.max(np.abs(final[0] - plain[0])) > 1e3 * _tolerance()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_route_regularizes_only_chosen_layer_like_reference(float64, route):
+    initial, final = _train(route, keras.optimizers.SGD(LR), layer_names=("out",))
+    expected = reference_gd(initial, X, Y, LR, N, [L2] * STEPS, chosen=(False, True))
+    for got, want in zip(final, expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance())
+
+
+def test_penalty_routes_report_the_regularized_loss(float64):
+    model = mlp()
+    compile_route(model, "loss", keras.optimizers.SGD(LR), L2, N, select_layers(model))
+    data_loss, penalty = reference_loss(weights(model), X, Y, L2, N)
+    got = model.evaluate(X, Y, batch_size=len(X), verbose=0)
+    np.testing.assert_allclose(got, data_loss + penalty, rtol=1e-12 if keras.backend.backend() != "torch" else 1e-8)
+
+
+def test_sgd_all_routes_and_modes_agree(float64):
+    results = {route: _train(route, keras.optimizers.SGD(LR))[1] for route in ROUTES}
+    for route in ("loss", "coupled"):
+        for got, want in zip(results[route], results["regularizer"]):
+            np.testing.assert_array_equal(got, want)  # the same operations: bit for bit
+    for got, want in zip(results["decoupled"], results["regularizer"]):
+        # (W - lr*c*W) - lr*g rounds differently from W - lr*(g + c*W).
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
+def test_sgd_decoupled_equals_coupled(float64, momentum):
+    _, coupled = _train("coupled", keras.optimizers.SGD(LR / 10, momentum=momentum))
+    _, decoupled = _train("decoupled", keras.optimizers.SGD(LR / 10, momentum=momentum))
+    if momentum == 0.0:
+        for got, want in zip(decoupled, coupled):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    else:
+        # With momentum the decay no longer passes through the velocity.
+        assert max(np.max(np.abs(a - b)) for a, b in zip(decoupled, coupled)) > 1e-6
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.optimizers.Adam(0.01),
+    lambda: keras.optimizers.RMSprop(0.01),
+    lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    lambda: keras.optimizers.Adagrad(0.1),
+], ids=["adam", "rmsprop", "nesterov", "adagrad"])
+def test_coupled_equals_regularizer_route_for_any_optimizer(float64, make):
+    _, reg = _train("regularizer", make(), layer_names=("hidden",))
+    _, loss = _train("loss", make(), layer_names=("hidden",))
+    _, coupled = _train("coupled", make(), layer_names=("hidden",))
+    for a, b, c in zip(reg, loss, coupled):
+        np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(c, a)
+
+
+def _adamw_restricted(model, layer_names, learning_rate):
+    chosen = {id(layer.kernel) for layer in select_layers(model, names=list(layer_names))}
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=2 * ADAMW_L2 / N)
+    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if id(v) not in chosen])
+    return optimizer
+
+
+# Keras' AdamW on TensorFlow casts `weight_decay` through float32, so the
+# test picks 2*l2/n = 1/16, which float32 holds exactly.
+ADAMW_L2 = 0.75
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant_lr", "lr_schedule"])
+def test_adam_decoupled_is_adamw_on_chosen_kernels(float64, schedule):
+    lr = keras.optimizers.schedules.ExponentialDecay(0.05, 5, 0.5) if schedule else 0.05
+    lr_copy = keras.optimizers.schedules.ExponentialDecay(0.05, 5, 0.5) if schedule else 0.05
+    _, decoupled = _train("decoupled", keras.optimizers.Adam(lr), layer_names=("hidden",), l2=ADAMW_L2)
+
+    model = mlp()
+    optimizer = _adamw_restricted(model, ("hidden",), lr_copy)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    model.fit(X, Y, batch_size=len(X), epochs=STEPS, shuffle=False, verbose=0)
+    for got, want in zip(decoupled, weights(model)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+
+    _, coupled = _train("coupled", keras.optimizers.Adam(lr_copy), layer_names=("hidden",), l2=ADAMW_L2)
+    difference = np.max(np.abs(decoupled[0] - coupled[0]))
+    assert difference > 1e-3, f"decoupled and coupled Adam should differ; max |diff| = {difference}"
+
+
+def test_unchosen_layers_and_biases_untouched_after_a_step(float64):
+    _, plain = _train("none", keras.optimizers.SGD(LR), steps=1)
+    for route in ROUTES:
+        _, regularized = _train(route, keras.optimizers.SGD(LR), layer_names=("hidden",), steps=1)
+        hidden_kernel, hidden_bias, out_kernel, out_bias = regularized
+        np.testing.assert_array_equal(hidden_bias, plain[1], err_msg=route)
+        np.testing.assert_array_equal(out_kernel, plain[2], err_msg=route)
+        np.testing.assert_array_equal(out_bias, plain[3], err_msg=route)
+        assert np.max(np.abs(hidden_kernel - plain[0])) > 1e-4, route
+
+
+@pytest.mark.parametrize("mode", ["coupled", "decoupled"])
+def test_optimizer_leaves_unchosen_variables_to_inner_optimizer(float64, mode):
+    """Over many steps with the same gradients, unchosen variables match Adam bit for bit."""
+    model = mlp()
+    chosen = select_layers(model, names="hidden")
+    wrapped = L2DecayOptimizer(keras.optimizers.Adam(0.01), l2=0.5, n=3, layers=chosen, mode=mode)
+    twin = mlp()
+    plain = keras.optimizers.Adam(0.01)
+    rng = np.random.default_rng(3)
+    for _ in range(15):
+        grads = [rng.normal(size=v.shape) for v in model.trainable_variables]
+        wrapped.apply([keras.ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
+        plain.apply([keras.ops.convert_to_tensor(g) for g in grads], twin.trainable_variables)
+    ours, theirs = weights(model), weights(twin)
+    for index in (1, 2, 3):
+        np.testing.assert_array_equal(ours[index], theirs[index])
+    assert np.max(np.abs(ours[0] - theirs[0])) > 1e-4
