@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 from keras import ops
 
 
@@ -41,6 +42,18 @@ def _as_dtype(value, dtype):
     if isinstance(value, (int, float)):
         return ops.convert_to_tensor(value, dtype=dtype)
     return ops.cast(value, dtype)
+
+
+def _read(kernel):
+    """The kernel's value as a plain tensor, still differentiable."""
+    value = ops.convert_to_tensor(kernel)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Keras hands back the tf.Variable itself; a custom gradient must see a
+        # read of it, or eager TensorFlow refuses the function.
+        value = tf.convert_to_tensor(value)
+    return value
 
 
 def penalty_coefficient(l2, n):
@@ -128,7 +141,7 @@ def penalty(kernels: Sequence, l2, n, dtype=None):
     grad_scale = gradient_coefficient(l2, n)
     terms = []
     for kernel in kernels:
-        w = ops.convert_to_tensor(kernel)
+        w = _read(kernel)
         term = _scaled_squared_norm(w, value_scale, grad_scale)
         terms.append(term if dtype is None else ops.cast(term, dtype))
     total = terms[0]

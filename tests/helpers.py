@@ -107,3 +107,12 @@ def reference_loss(weights, x, y, l2: float, n: int) -> tuple[float, float]:
     log_p = z2 - z2.max(axis=1, keepdims=True)
     log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
     return float(-(y * log_p).sum(axis=1).mean()), l2 / n * float((w1**2).sum() + (w2**2).sum())
+
+
+def reported_rtol() -> float:
+    """Tolerance for losses Keras reports in float64.
+
+    On torch Keras' reported float64 losses drift ~1e-8 relative from NumPy
+    even without regularization; elsewhere they are exact to rounding.
+    """
+    return 1e-7 if keras.backend.backend() == "torch" else 1e-12

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, weights
+from helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, reported_rtol, weights
 
 from keras_l2 import L2DecayOptimizer, select_layers
 
@@ -54,7 +54,7 @@ def test_penalty_routes_report_the_regularized_loss(float64):
     compile_route(model, "loss", keras.optimizers.SGD(LR), L2, N, select_layers(model))
     data_loss, penalty = reference_loss(weights(model), X, Y, L2, N)
     got = model.evaluate(X, Y, batch_size=len(X), verbose=0)
-    np.testing.assert_allclose(got, data_loss + penalty, rtol=1e-12 if keras.backend.backend() != "torch" else 1e-8)
+    np.testing.assert_allclose(got, data_loss + penalty, rtol=reported_rtol())
 
 
 def test_sgd_all_routes_and_modes_agree(float64):
