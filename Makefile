@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The whole suite on TensorFlow (the default backend), then the core
 # numerical tests (marker `core`) on JAX (x64) and PyTorch.
-test: setup test-tensorflow test-jax test-torch
+test: setup lint test-tensorflow test-jax test-torch
 
 test-tensorflow: setup
 	KERAS_BACKEND=tensorflow $(PY) -m pytest

@@ -85,7 +85,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
     def layer_names(self) -> tuple:
         return self._layer_names
 
-    def bind(self, model) -> "L2CategoricalCrossentropy":
+    def bind(self, model) -> L2CategoricalCrossentropy:
         """Resolves the chosen layers against `model` and checks they are its own."""
         if self._layers is None:
             self._layers = tuple(select_layers(model, names=list(self._layer_names)))

@@ -65,7 +65,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     >>> model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     """
 
-    def __init__(self, optimizer, l2: float = 0.01, n: int = 1, layers=None, mode: str = "coupled", name=None, **kwargs):
+    def __init__(self, optimizer, l2: float = 0.01, n: int = 1, layers=None, mode: str = "coupled", name=None):
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "`optimizer` must be a `keras.optimizers.Optimizer` instance "
@@ -92,8 +92,6 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         else:
             chosen = check_layers(layers)
             layer_names, kernel_ids = tuple(layer.name for layer in chosen), tuple(id(layer.kernel) for layer in chosen)
-        if kwargs:
-            raise TypeError(f"Unexpected keyword arguments for L2DecayOptimizer: {sorted(kwargs)}")
         super().__init__(learning_rate=0.0, name=name or "l2_decay_optimizer")
         self.inner_optimizer = optimizer
         self._initial_l2, self.n, self.mode = l2, n, mode
@@ -153,7 +151,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     def _resolve_chosen(self, var_list) -> list:
         if self._chosen_kernel_ids is not None:
             known = {id(v): v for v in var_list}
-            for layer_name, kernel_id in zip(self._layer_names, self._chosen_kernel_ids):
+            for layer_name, kernel_id in zip(self._layer_names, self._chosen_kernel_ids, strict=True):
                 if kernel_id not in known:
                     raise ValueError(
                         f"Layer {layer_name!r} is not part of the model this optimizer "
@@ -196,11 +194,11 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
             scale = self._inner_loss_scale()
             grads = [
                 self._coupled(g, v, scale) if g is not None and id(v) in self._chosen_ids else g
-                for g, v in zip(grads, variables)
+                for g, v in zip(grads, variables, strict=True)
             ]
         else:
             lr = self.inner_optimizer.learning_rate
-            for g, v in zip(grads, variables):
+            for g, v in zip(grads, variables, strict=True):
                 if g is not None and id(v) in self._chosen_ids:
                     v.assign(l2_math.decayed(v, self._l2_variable, self.n, lr))
         self.inner_optimizer.apply(grads, variables)

@@ -14,7 +14,7 @@ Example:
 ... ])
 >>> [layer.name for layer in select_layers(model)]
 ['hidden', 'out']
->>> [layer.name for layer in select_layers(model, min_params=100)]
+>>> [layer.name for layer in select_layers(model, min_params=200)]
 ['hidden']
 """
 

@@ -160,7 +160,7 @@ def test_layer_of_another_model_loss_fails_before_training():
     before = [np.array(v) for v in model.get_weights()]
     with pytest.raises(ValueError, match="not a layer of model"):
         model.fit(x, y, epochs=1, verbose=0)
-    for a, b in zip(before, model.get_weights()):
+    for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -172,7 +172,7 @@ def test_layer_of_another_model_optimizer_fails_before_training():
     before = model.get_weights()
     with pytest.raises(ValueError, match="Layer 'hidden' is not part of the model this optimizer trains"):
         model.fit(x, y, epochs=1, verbose=0)
-    for a, b in zip(before, model.get_weights()):
+    for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

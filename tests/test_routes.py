@@ -34,7 +34,7 @@ def _train(route, optimizer, layer_names=("hidden", "out"), steps=STEPS, l2=L2):
 def test_route_matches_numpy_reference(float64, route):
     initial, final = _train(route, keras.optimizers.SGD(LR))
     expected = reference_gd(initial, X, Y, LR, N, [L2] * STEPS)
-    for got, want in zip(final, expected):
+    for got, want in zip(final, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance())
     # The regularization mattered: an unregularized reference is far away.
     plain = reference_gd(initial, X, Y, LR, N, [0.0] * STEPS)
@@ -45,7 +45,7 @@ def test_route_matches_numpy_reference(float64, route):
 def test_route_regularizes_only_chosen_layer_like_reference(float64, route):
     initial, final = _train(route, keras.optimizers.SGD(LR), layer_names=("out",))
     expected = reference_gd(initial, X, Y, LR, N, [L2] * STEPS, chosen=(False, True))
-    for got, want in zip(final, expected):
+    for got, want in zip(final, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance())
 
 
@@ -60,9 +60,9 @@ def test_penalty_routes_report_the_regularized_loss(float64):
 def test_sgd_all_routes_and_modes_agree(float64):
     results = {route: _train(route, keras.optimizers.SGD(LR))[1] for route in ROUTES}
     for route in ("loss", "coupled"):
-        for got, want in zip(results[route], results["regularizer"]):
+        for got, want in zip(results[route], results["regularizer"], strict=True):
             np.testing.assert_array_equal(got, want)  # the same operations: bit for bit
-    for got, want in zip(results["decoupled"], results["regularizer"]):
+    for got, want in zip(results["decoupled"], results["regularizer"], strict=True):
         # (W - lr*c*W) - lr*g rounds differently from W - lr*(g + c*W).
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
 
@@ -72,11 +72,11 @@ def test_sgd_decoupled_equals_coupled(float64, momentum):
     _, coupled = _train("coupled", keras.optimizers.SGD(LR / 10, momentum=momentum))
     _, decoupled = _train("decoupled", keras.optimizers.SGD(LR / 10, momentum=momentum))
     if momentum == 0.0:
-        for got, want in zip(decoupled, coupled):
+        for got, want in zip(decoupled, coupled, strict=True):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     else:
         # With momentum the decay no longer passes through the velocity.
-        assert max(np.max(np.abs(a - b)) for a, b in zip(decoupled, coupled)) > 1e-6
+        assert max(np.max(np.abs(a - b)) for a, b in zip(decoupled, coupled, strict=True)) > 1e-6
 
 
 @pytest.mark.parametrize("make", [
@@ -89,7 +89,7 @@ def test_coupled_equals_regularizer_route_for_any_optimizer(float64, make):
     _, reg = _train("regularizer", make(), layer_names=("hidden",))
     _, loss = _train("loss", make(), layer_names=("hidden",))
     _, coupled = _train("coupled", make(), layer_names=("hidden",))
-    for a, b, c in zip(reg, loss, coupled):
+    for a, b, c in zip(reg, loss, coupled, strict=True):
         np.testing.assert_array_equal(b, a)
         np.testing.assert_array_equal(c, a)
 
@@ -116,7 +116,7 @@ def test_adam_decoupled_is_adamw_on_chosen_kernels(float64, schedule):
     optimizer = _adamw_restricted(model, ("hidden",), lr_copy)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     model.fit(X, Y, batch_size=len(X), epochs=STEPS, shuffle=False, verbose=0)
-    for got, want in zip(decoupled, weights(model)):
+    for got, want in zip(decoupled, weights(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
 
     _, coupled = _train("coupled", keras.optimizers.Adam(lr_copy), layer_names=("hidden",), l2=ADAMW_L2)

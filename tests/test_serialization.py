@@ -68,7 +68,7 @@ def test_save_load_continues_same_trajectory(float64, tmp_path, route, make_opti
     assert routes.l2 == 0.3
     restored.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0)
 
-    for got, want in zip(weights(restored), weights(uninterrupted)):
+    for got, want in zip(weights(restored), weights(uninterrupted), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     # Only the chosen kernel is regularized after the restore as well.
     if route == "regularizer":

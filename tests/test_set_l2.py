@@ -27,7 +27,7 @@ def test_lambda_schedule_matches_reference(float64, route):
     model.fit(X, Y, batch_size=len(X), epochs=len(SCHEDULE), shuffle=False, verbose=0, callbacks=[SetLambda()])
     expected = reference_gd(initial, X, Y, LR, len(X), SCHEDULE)
     tolerance = 1e-6 if keras.backend.backend() == "torch" else 1e-8
-    for got, want in zip(weights(model), expected):
+    for got, want in zip(weights(model), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
     # Had the change not taken effect, the constant-lambda run would be it.
     stale = reference_gd(initial, X, Y, LR, len(X), [1.0] * len(SCHEDULE))
