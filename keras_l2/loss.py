@@ -8,7 +8,7 @@ import keras
 
 from keras_l2 import l2_math
 from keras_l2._checks import check_l2, check_n
-from keras_l2.selection import check_in_model, check_layers, select_layers
+from keras_l2.selection import check_in_model, layers_or_names, select_layers
 
 
 @keras.saving.register_keras_serializable(package="keras_l2")
@@ -56,14 +56,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
         super().__init__(name=name, **kwargs)
         self.l2 = l2
         self.n = check_n(n)
-        if layers is not None and not isinstance(layers, keras.layers.Layer) and all(
-            isinstance(layer, str) for layer in layers
-        ) and len(layers) > 0:
-            self._layers = None
-            self._layer_names = tuple(layers)
-        else:
-            self._layers = check_layers(layers)
-            self._layer_names = tuple(layer.name for layer in self._layers)
+        self._layer_names, self._layers = layers_or_names(layers)
         self._checked_model = None
 
     @property

@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_l2 import l2_math
 from keras_l2._checks import check_l2, check_mode, check_n
-from keras_l2.selection import check_layers
+from keras_l2.selection import layers_or_names
 
 
 def _kernel_layer_name(variable) -> str | None:
@@ -85,13 +85,8 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
                 "every micro-batch). Received: gradient_accumulation_steps="
                 f"{optimizer.gradient_accumulation_steps!r}. Use mode='coupled'."
             )
-        if layers is not None and not isinstance(layers, keras.layers.Layer) and len(layers) > 0 and all(
-            isinstance(layer, str) for layer in layers
-        ):
-            layer_names, kernel_ids = tuple(layers), None
-        else:
-            chosen = check_layers(layers)
-            layer_names, kernel_ids = tuple(layer.name for layer in chosen), tuple(id(layer.kernel) for layer in chosen)
+        layer_names, chosen = layers_or_names(layers)
+        kernel_ids = None if chosen is None else tuple(id(layer.kernel) for layer in chosen)
         super().__init__(learning_rate=0.0, name=name or "l2_decay_optimizer")
         self.inner_optimizer = optimizer
         self._initial_l2, self.n, self.mode = l2, n, mode

@@ -211,3 +211,19 @@ def check_in_model(layers: Iterable, model) -> None:
                 f"(it belongs to another model). Model {model.name!r} has these "
                 f"Dense layers: {_describe(dense)}"
             )
+
+
+def layers_or_names(layers) -> tuple[tuple, tuple | None]:
+    """Splits a `layers=` argument into `(names, layers)`.
+
+    Layer objects are checked now and give `(their names, the layers)`.
+    Names (what a config stores) give `(names, None)`: they are resolved later,
+    against the model that uses the loss or optimizer.
+    """
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(item, str) for item in layers):
+        return tuple(layers), None
+    chosen = check_layers(layers)
+    return tuple(layer.name for layer in chosen), chosen
+

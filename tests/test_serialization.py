@@ -80,3 +80,15 @@ def test_restored_loss_refuses_to_guess_without_a_model():
         L2CategoricalCrossentropy(layers=select_layers(mlp())).get_config())
     with pytest.raises(ValueError, match="has not been bound to a model yet"):
         loss(np.eye(3)[:2], np.full((2, 3), 1 / 3))
+
+
+def test_layer_names_are_accepted_and_resolved_on_use(float64):
+    """A single name is one name, not a string of one-letter names."""
+    model = mlp()
+    loss = L2CategoricalCrossentropy(l2=0.5, n=4, layers="out")
+    optimizer = L2DecayOptimizer(keras.optimizers.SGD(0.1), l2=0.5, n=4, layers="hidden")
+    assert loss.layer_names == ("out",) and optimizer.layer_names == ("hidden",)
+    model.compile(optimizer=optimizer, loss=loss)
+    model.fit(X, Y, epochs=1, verbose=0)
+    assert loss.layers == (model.get_layer("out"),)
+    assert optimizer.chosen_variables == [model.get_layer("hidden").kernel]
