@@ -7,7 +7,7 @@ import inspect
 import keras
 
 from keras_l2 import l2_math
-from keras_l2._checks import check_l2, check_n
+from keras_l2._checks import LambdaAttribute, check_n
 from keras_l2.selection import check_in_model, layers_or_names, select_layers
 
 
@@ -52,22 +52,14 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
     >>> model.compile(optimizer="sgd", loss=loss)
     """
 
+    l2 = LambdaAttribute()
+
     def __init__(self, l2: float = 0.01, n: int = 1, layers=None, name="l2_categorical_crossentropy", **kwargs):
         super().__init__(name=name, **kwargs)
         self.l2 = l2
         self.n = check_n(n)
         self._layer_names, self._layers = layers_or_names(layers)
         self._checked_model = None
-
-    @property
-    def l2(self) -> float:
-        return self._l2
-
-    @l2.setter
-    def l2(self, value: float) -> None:
-        # A compiled model sees a new lambda after a retrace:
-        # `keras_l2.set_l2(model, value)` does both.
-        self._l2 = check_l2(value)
 
     @property
     def layers(self) -> tuple:

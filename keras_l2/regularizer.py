@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from keras_l2 import l2_math
-from keras_l2._checks import check_l2, check_n
+from keras_l2._checks import LambdaAttribute, check_l2, check_n
 from keras_l2._retrace import retrace
 from keras_l2.selection import check_layers, select_layers
 
@@ -34,19 +34,11 @@ class L2Regularizer(keras.regularizers.Regularizer):
     >>> layer = keras.layers.Dense(3, kernel_regularizer=L2Regularizer(l2=1e-3, n=60000))
     """
 
+    l2 = LambdaAttribute()
+
     def __init__(self, l2: float = 0.01, n: int = 1):
         self.l2 = l2
         self.n = check_n(n)
-
-    @property
-    def l2(self) -> float:
-        return self._l2
-
-    @l2.setter
-    def l2(self, value: float) -> None:
-        # Changing lambda on a compiled model takes effect at the next retrace:
-        # `keras_l2.set_l2(model, value)` does both.
-        self._l2 = check_l2(value)
 
     def __call__(self, x):
         return l2_math.penalty([x], self.l2, self.n)
