@@ -46,3 +46,24 @@ def test_validation_loss_sees_new_lambda(float64, route):
     penalty = 5.0 / len(X) * sum(float(np.sum(np.square(keras.ops.convert_to_numpy(k)))) for k in kernels)
     val = history.history["val_loss"]
     np.testing.assert_allclose(val[1] - val[0], penalty, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["coupled", "decoupled"])
+def test_optimizer_lambda_changes_without_retrace(float64, mode):
+    model = mlp()
+    compile_route(model, mode, keras.optimizers.SGD(LR), 1.0, len(X), select_layers(model))
+    model.fit(X, Y, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
+    traced = model.train_function
+    set_l2(model, 0.25)
+    model.fit(X, Y, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
+    assert model.train_function is traced
+    assert model.optimizer.l2 == 0.25
+
+
+def test_penalty_routes_retrace_on_change(float64):
+    model = mlp()
+    compile_route(model, "loss", keras.optimizers.SGD(LR), 1.0, len(X), select_layers(model))
+    model.fit(X, Y, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
+    traced = model.train_function
+    set_l2(model, 0.25)
+    assert model.train_function is not traced
