@@ -56,22 +56,23 @@ def seconds_per_step(model, x, y, batch: int) -> float:
     return (time.perf_counter() - start) / (len(x) // batch)
 
 
-def run(sizes, batch, steps, rounds, jit) -> dict[str, list[float]]:
+def run(sizes, batch, steps, rounds, jit, variants=VARIANTS) -> dict[str, tuple[float, float]]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * steps, sizes[0])).astype("float32")
     y = np.eye(sizes[-1], dtype="float32")[rng.integers(0, sizes[-1], len(x))]
-    models = {v: build(v, sizes, jit, n=len(x)) for v in VARIANTS}
+    variants = ("none",) + tuple(v for v in variants if v != "none")
+    models = {v: build(v, sizes, jit, n=len(x)) for v in variants}
     for model in models.values():  # trace and warm up outside the timed rounds
         seconds_per_step(model, x[: 2 * batch], y[: 2 * batch], batch)
-    ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    ratios: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
-        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
         this_round = {v: seconds_per_step(models[v], x, y, batch) for v in order}
-        for v in VARIANTS:
+        for v in variants:
             times[v].append(this_round[v])
             ratios[v].append(this_round[v] / this_round["none"])
-    return {v: (statistics.median(times[v]), statistics.median(ratios[v])) for v in VARIANTS}
+    return {v: (statistics.median(times[v]), statistics.median(ratios[v])) for v in variants}
 
 
 def main() -> None:
@@ -81,17 +82,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--jit", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="TensorFlow CPU threads (0: TensorFlow's default). One thread is the default "
+                             "because on a shared 2-core machine two threads flip between two speeds "
+                             "(seen here: 18 and 33 ms/step for the same model), which drowns a 1%% effect.")
     args = parser.parse_args()
+    if args.threads and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    rounds = args.rounds or (4 if args.quick else 10)
-    steps = args.steps or (10 if args.quick else 30)
+    rounds = args.rounds or (8 if args.quick else 16)
+    steps = args.steps or (15 if args.quick else 30)
     jits = {"on": [True], "off": [False], "both": [True, False]}[args.jit]
     print(f"backend={keras.backend.backend()} sizes={sizes} batch={args.batch} "
-          f"steps/round={steps} rounds={rounds}")
+          f"steps/round={steps} rounds={rounds} threads={args.threads or 'default'}")
     print(f"{'jit':<5}{'variant':<22}{'ms/step':>10}{'ratio':>9}")
     for jit in jits:
-        for variant, (seconds, ratio) in run(sizes, args.batch, steps, rounds, jit).items():
+        variants = tuple(v for v in args.variants.split(",") if v)
+        unknown = sorted(set(variants) - set(VARIANTS))
+        if unknown:
+            parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        for variant, (seconds, ratio) in run(sizes, args.batch, steps, rounds, jit, variants).items():
             print(f"{'on' if jit else 'off':<5}{variant:<22}{seconds * 1e3:>10.2f}{ratio:>9.3f}")
 
 
