@@ -81,11 +81,6 @@ def penalty_gradient(w, l2, n):
     return ops.multiply(_as_dtype(gradient_coefficient(l2, n), w.dtype), w)
 
 
-def add_penalty_gradient(grad, w, l2, n):
-    """Returns `grad + (2 * l2 / n) * W`: the coupled (L2-in-the-gradient) term."""
-    return ops.add(grad, penalty_gradient(w, l2, n))
-
-
 def decayed(w, l2, n, learning_rate):
     """Returns `W - W * (2 * l2 / n) * lr`, one step of decoupled weight decay.
 

@@ -8,6 +8,7 @@ import keras
 
 from keras_l2 import l2_math
 from keras_l2._checks import LambdaAttribute, check_n
+from keras_l2._distribution import per_replica
 from keras_l2.selection import check_in_model, layers_or_names, select_layers
 
 
@@ -99,7 +100,8 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
             if model is not None:
                 self.bind(model)
         value = self.data_loss(y_true, y_pred, sample_weight=sample_weight)
-        return keras.ops.add(value, self.penalty(dtype=value.dtype))
+        # Keras' reduction already divided the data term by the replica count.
+        return keras.ops.add(value, per_replica(self.penalty(dtype=value.dtype)))
 
     def get_config(self) -> dict:
         config = super().get_config()

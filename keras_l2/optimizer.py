@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_l2 import l2_math
 from keras_l2._checks import check_l2, check_mode, check_n
+from keras_l2._distribution import per_replica
 from keras_l2.selection import layers_or_names
 
 
@@ -199,12 +200,13 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.apply(grads, variables)
 
     def _coupled(self, grad, variable, scale):
-        if scale is None:
-            return l2_math.add_penalty_gradient(grad, variable, self._l2_variable, self.n)
-        # The wrapped optimizer divides the gradients by its loss scale; the
-        # penalty's gradient must arrive scaled like the data gradient.
         term = l2_math.penalty_gradient(variable, self._l2_variable, self.n)
-        return ops.add(grad, ops.multiply(term, ops.cast(scale, grad.dtype)))
+        if scale is not None:
+            # The wrapped optimizer divides the gradients by its loss scale; the
+            # penalty's gradient must arrive scaled like the data gradient.
+            term = ops.multiply(term, ops.cast(scale, grad.dtype))
+        # Replicas' gradients are summed: each contributes its share.
+        return ops.add(grad, per_replica(term))
 
     def _inner_loss_scale(self):
         inner = self.inner_optimizer
