@@ -9,7 +9,8 @@ import keras
 from keras_l2 import l2_math
 from keras_l2._checks import LambdaAttribute, check_n
 from keras_l2._distribution import per_replica
-from keras_l2.selection import check_in_model, layers_or_names, select_layers
+from keras_l2._single_route import check_single_route
+from keras_l2.selection import check_in_model, check_unique_names, layers_or_names, select_layers
 
 
 @keras.saving.register_keras_serializable(package="keras_l2")
@@ -72,11 +73,18 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
         return self._layer_names
 
     def bind(self, model) -> L2CategoricalCrossentropy:
-        """Resolves the chosen layers against `model` and checks they are its own."""
+        """Resolves the chosen layers against `model` and checks they are its own.
+
+        Also refuses a second keras_l2 route on the same kernels (an
+        `L2Regularizer` on them, or an `L2DecayOptimizer` in the model's
+        optimizer): stacked routes would count the penalty twice.
+        """
         if self._layers is None:
             self._layers = tuple(select_layers(model, names=list(self._layer_names)))
         else:
             check_in_model(self._layers, model)
+        check_unique_names(self._layers, model)
+        check_single_route(model, [layer.kernel for layer in self._layers], route="loss")
         self._checked_model = model
         return self
 
@@ -95,10 +103,11 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        if self._checked_model is None:
-            model = _calling_model(self)
-            if model is not None:
-                self.bind(model)
+        model = _calling_model(self)
+        if model is not None and model is not self._checked_model:
+            # Checked on every call, not once: the same loss object compiled
+            # into a second model must not keep penalising the first one's kernels.
+            self.bind(model)
         value = self.data_loss(y_true, y_pred, sample_weight=sample_weight)
         # Keras' reduction already divided the data term by the replica count.
         return keras.ops.add(value, per_replica(self.penalty(dtype=value.dtype)))
@@ -113,17 +122,20 @@ def _calling_model(loss):
     """The model whose compiled loss `loss` is, found among the callers.
 
     Keras hands a loss no reference to its model, and a loss restored from a
-    config only knows its layers by name. `Trainer.compute_loss` is always on
-    the stack when Keras calls a compiled loss, with `self` the model.
+    config only knows its layers by name. `Trainer.compute_loss` is on the
+    stack whenever Keras calls a compiled loss, with `self` the model. Only
+    frame names are read on the way up, so this stays cheap; under
+    `tf.function` and `jax.jit` it runs only while tracing.
     """
     frame = inspect.currentframe()
     try:
         while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, keras.Model) and any(
-                item is loss for item in keras.tree.flatten(getattr(candidate, "loss", None))
-            ):
-                return candidate
+            if frame.f_code.co_name == "compute_loss":
+                candidate = frame.f_locals.get("self")
+                if isinstance(candidate, keras.Model) and any(
+                    item is loss for item in keras.tree.flatten(getattr(candidate, "loss", None))
+                ):
+                    return candidate
             frame = frame.f_back
     finally:
         del frame

@@ -8,6 +8,7 @@ from keras import ops
 from keras_l2 import l2_math
 from keras_l2._checks import check_l2, check_mode, check_n
 from keras_l2._distribution import per_replica
+from keras_l2.regularizer import L2Regularizer
 from keras_l2.selection import layers_or_names
 
 
@@ -79,6 +80,13 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
                 "would apply the decay twice."
             )
         l2, n, mode = check_l2(l2), check_n(n), check_mode(mode)
+        if mode == "decoupled" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "mode='decoupled' cannot wrap a LossScaleOptimizer: the decay would "
+                "still apply on the steps it skips for non-finite gradients. Wrap the "
+                "other way round, LossScaleOptimizer(L2DecayOptimizer(...)), as Keras "
+                "does itself under the mixed_float16 policy."
+            )
         if mode == "decoupled" and optimizer.gradient_accumulation_steps:
             raise ValueError(
                 "mode='decoupled' does not support a wrapped optimizer with "
@@ -107,6 +115,14 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         """The kernel variables that decay (known once the optimizer is built)."""
         return [v for v in self._trainable_variables if id(v) in self._chosen_ids]
 
+    def covers(self, kernel) -> bool:
+        """Whether `kernel` is one of the kernels this optimizer decays."""
+        if self.built:
+            return id(kernel) in self._chosen_ids
+        if self._chosen_kernel_ids is not None:
+            return id(kernel) in self._chosen_kernel_ids
+        return _kernel_layer_name(kernel) in self._layer_names
+
     @property
     def l2(self):
         """Lambda: the variable's value once built, else the constructor's float."""
@@ -129,7 +145,15 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         # Keras' LossScaleOptimizer builds the same way: own state, then the
         # wrapped optimizer on the same variables.
-        self._chosen_ids = frozenset(id(v) for v in self._resolve_chosen(var_list))
+        chosen = self._resolve_chosen(var_list)
+        for v in chosen:
+            if isinstance(v.regularizer, L2Regularizer):
+                raise ValueError(
+                    f"Kernel {v.path!r} already carries an L2Regularizer; decaying it in "
+                    "the optimizer too would count the penalty twice. Use one keras_l2 "
+                    "route per kernel."
+                )
+        self._chosen_ids = frozenset(id(v) for v in chosen)
         initial = self._initial_l2
 
         def exact_constant(shape, dtype=None):
@@ -155,7 +179,16 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
                         "so it belongs to another model or is frozen). Trainable "
                         f"Dense kernels: {_kernel_names(var_list)}"
                     )
-            return [known[kernel_id] for kernel_id in self._chosen_kernel_ids]
+            chosen = [known[kernel_id] for kernel_id in self._chosen_kernel_ids]
+            names = [_kernel_layer_name(v) for v in var_list]
+            for layer_name in self._layer_names:
+                if names.count(layer_name) > 1:
+                    raise ValueError(
+                        f"Layer name {layer_name!r} occurs {names.count(layer_name)} times "
+                        "among the model's kernels (in nested models); a saved choice of it "
+                        "would be ambiguous. Give the layers distinct names (`name=...`)."
+                    )
+            return chosen
         by_name: dict[str, list] = {}
         for v in var_list:
             name = _kernel_layer_name(v)
@@ -185,19 +218,45 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables))
             self.built = True
         variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
-        grads = list(grads)
+        grads = self._apply_l2(list(grads), variables)
+        self.inner_optimizer.apply(grads, variables)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        # The JAX trainer's entry point. The wrapped optimizer gets its own
+        # `stateless_apply` (not `apply` inside our scope), because some, like
+        # LossScaleOptimizer, only trace correctly through theirs.
+        if not self.built:
+            raise ValueError("L2DecayOptimizer must be built before `stateless_apply`.")
+        # An outer LossScaleOptimizer passes our variables themselves, to be
+        # read in its own stateless scope: read them now.
+        optimizer_variables = [v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables]
+        own = len(self._variables)
+        own_values, inner_values = optimizer_variables[:own], optimizer_variables[own:]
+        mapping = (
+            list(zip(self._trainable_variables, trainable_variables, strict=True))
+            + list(zip(self._variables, own_values, strict=True))
+            + list(zip(self.inner_optimizer.variables, inner_values, strict=True))
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            grads = self._apply_l2(list(grads), self._trainable_variables)
+            # Decoupled mode assigned decayed kernels in the scope.
+            trainable_variables = [scope.get_current_value(v) for v in self._trainable_variables]
+        new_trainable, new_inner = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
+        return new_trainable, own_values + list(new_inner)
+
+    def _apply_l2(self, grads: list, variables: list) -> list:
+        """Coupled: returns grads with `2*l2/n*W` added. Decoupled: decays W, returns grads."""
         if self.mode == "coupled":
             scale = self._inner_loss_scale()
-            grads = [
+            return [
                 self._coupled(g, v, scale) if g is not None and id(v) in self._chosen_ids else g
                 for g, v in zip(grads, variables, strict=True)
             ]
-        else:
-            lr = self.inner_optimizer.learning_rate
-            for g, v in zip(grads, variables, strict=True):
-                if g is not None and id(v) in self._chosen_ids:
-                    v.assign(l2_math.decayed(v, self._l2_variable, self.n, lr))
-        self.inner_optimizer.apply(grads, variables)
+        lr = self.inner_optimizer.learning_rate
+        for g, v in zip(grads, variables, strict=True):
+            if g is not None and id(v) in self._chosen_ids:
+                v.assign(l2_math.decayed(v, self._l2_variable, self.n, lr))
+        return grads
 
     def _coupled(self, grad, variable, scale):
         term = l2_math.penalty_gradient(variable, self._l2_variable, self.n)

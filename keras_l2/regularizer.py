@@ -7,6 +7,7 @@ import keras
 from keras_l2 import l2_math
 from keras_l2._checks import LambdaAttribute, check_l2, check_n
 from keras_l2._retrace import retrace
+from keras_l2._single_route import check_single_route
 from keras_l2.selection import check_layers, select_layers
 
 
@@ -82,6 +83,7 @@ def regularize(model, l2: float = 0.01, n: int = 1, layers=None) -> tuple:
     """
     l2, n = check_l2(l2), check_n(n)
     chosen = check_layers(select_layers(model) if layers is None else layers, model)
+    check_single_route(model, [layer.kernel for layer in chosen], route="regularizer")
     for layer in chosen:
         existing = layer.kernel.regularizer
         if existing is not None and not isinstance(existing, L2Regularizer):

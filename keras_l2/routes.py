@@ -19,6 +19,7 @@ import keras
 
 from keras_l2._checks import check_l2
 from keras_l2._retrace import retrace
+from keras_l2._single_route import optimizer_chain
 from keras_l2.loss import L2CategoricalCrossentropy
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import L2Regularizer
@@ -56,12 +57,6 @@ class L2Routes:
         return values.pop() if values else None
 
 
-def _optimizer_chain(optimizer):
-    while optimizer is not None:
-        yield optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-
-
 def l2_routes(model) -> L2Routes:
     """Finds the keras_l2 regularizers, losses and optimizers on `model`."""
     if not isinstance(model, keras.Model):
@@ -73,7 +68,7 @@ def l2_routes(model) -> L2Routes:
         loss for loss in keras.tree.flatten(getattr(model, "loss", None)) if isinstance(loss, L2CategoricalCrossentropy)
     )
     optimizers = tuple(
-        opt for opt in _optimizer_chain(getattr(model, "optimizer", None)) if isinstance(opt, L2DecayOptimizer)
+        opt for opt in optimizer_chain(getattr(model, "optimizer", None)) if isinstance(opt, L2DecayOptimizer)
     )
     return L2Routes(regularizers, losses, optimizers)
 

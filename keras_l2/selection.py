@@ -192,11 +192,37 @@ def check_layers(layers, model=None) -> tuple:
                 f"{type(layer).__name__}"
             )
         require_built(layer)
+        if not layer.trainable:
+            # Keras collects no penalty from frozen weights and no optimizer
+            # updates them: the choice would silently do nothing.
+            raise ValueError(
+                f"Layer {layer.name!r} is frozen (trainable=False), so L2 on it would "
+                "do nothing. Unfreeze it or leave it out of `layers`."
+            )
         if layer not in result:
             result.append(layer)
     if model is not None:
         check_in_model(result, model)
     return tuple(result)
+
+
+def check_unique_names(layers: Iterable, model) -> None:
+    """Raises if a chosen layer shares its name with another layer of `model`.
+
+    Configs record chosen layers by name, and Keras drops the nesting prefix
+    of variable paths on reload: with two layers of one name, a restored loss
+    or optimizer could pick the wrong kernel.
+    """
+    counts: dict[str, int] = {}
+    for layer in all_layers(model):
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    for layer in layers:
+        if counts.get(layer.name, 0) > 1:
+            raise ValueError(
+                f"Layer name {layer.name!r} occurs {counts[layer.name]} times in model "
+                f"{model.name!r} (in nested models); a saved choice of it would be "
+                "ambiguous. Give the layers distinct names (`name=...`)."
+            )
 
 
 def check_in_model(layers: Iterable, model) -> None:

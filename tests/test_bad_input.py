@@ -221,3 +221,88 @@ def test_unknown_layer_name_after_restore():
 def test_unexpected_keyword():
     with pytest.raises(TypeError, match="learning_rate"):
         L2DecayOptimizer(keras.optimizers.SGD(), layers=select_layers(mlp()), learning_rate=0.1)
+
+
+def test_frozen_layer_is_refused():
+    model = mlp()
+    model.get_layer("out").trainable = False
+    layers = [model.get_layer("out")]
+    for make in (lambda: regularize(model, layers=layers),
+                 lambda: L2CategoricalCrossentropy(layers=layers),
+                 lambda: L2DecayOptimizer(keras.optimizers.SGD(), layers=layers)):
+        with pytest.raises(ValueError, match="Layer 'out' is frozen"):
+            make()
+
+
+def test_loss_reused_in_another_model_is_refused():
+    first, second = mlp(), mlp(seed=2)
+    x, y = data()
+    loss = L2CategoricalCrossentropy(layers=select_layers(first))
+    first.compile(optimizer="sgd", loss=loss)
+    first.fit(x, y, epochs=1, verbose=0)
+    second.compile(optimizer="sgd", loss=loss)
+    before = second.get_weights()
+    with pytest.raises(ValueError, match="not a layer of model"):
+        second.fit(x, y, epochs=1, verbose=0)
+    for a, b in zip(before, second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("pair", ["regularizer+loss", "regularizer+optimizer", "loss+optimizer"])
+def test_two_routes_on_one_kernel_are_refused(pair):
+    model = mlp()
+    x, y = data()
+    layers = select_layers(model)
+    optimizer, loss = keras.optimizers.SGD(), "categorical_crossentropy"
+    if "regularizer" in pair:
+        regularize(model, l2=0.1, layers=layers)
+    if "loss" in pair:
+        loss = L2CategoricalCrossentropy(layers=layers)
+    if "optimizer" in pair:
+        optimizer = L2DecayOptimizer(optimizer, layers=layers)
+    model.compile(optimizer=optimizer, loss=loss)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="count the penalty twice"):
+        model.fit(x, y, epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_regularize_refuses_kernels_of_a_compiled_loss_route():
+    model = mlp()
+    model.compile(optimizer="sgd", loss=L2CategoricalCrossentropy(layers=select_layers(model)))
+    with pytest.raises(ValueError, match="L2CategoricalCrossentropy; adding the regularizer route"):
+        regularize(model, l2=0.1)
+
+
+def test_decoupled_cannot_wrap_loss_scale_optimizer():
+    inner = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+    with pytest.raises(ValueError, match=r"LossScaleOptimizer\(L2DecayOptimizer\(...\)\)"):
+        L2DecayOptimizer(inner, layers=select_layers(mlp()), mode="decoupled")
+
+
+def _duplicate_names_model():
+    def block(name):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="dense")], name=name)
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2, name="head")(block("b")(block("a")(inputs)))
+    return keras.Model(inputs, outputs)
+
+
+def test_ambiguous_layer_names_are_refused_before_training():
+    model = _duplicate_names_model()
+    chosen = select_layers(model, names="a/dense")
+    x, y = np.ones((4, 4)), np.eye(2)[[0, 1, 0, 1]]
+    model.compile(optimizer="sgd", loss=L2CategoricalCrossentropy(layers=chosen))
+    with pytest.raises(ValueError, match="Layer name 'dense' occurs 2 times"):
+        model.fit(x, y, epochs=1, verbose=0)
+    optimizer = L2DecayOptimizer(keras.optimizers.SGD(), layers=chosen)
+    with pytest.raises(ValueError, match="Layer name 'dense' occurs 2 times"):
+        optimizer.build(model.trainable_variables)
+
+
+def test_names_mixed_with_layers():
+    model = mlp()
+    with pytest.raises(TypeError, match="Received: 'out' of type str"):
+        L2CategoricalCrossentropy(layers=[model.get_layer("hidden"), "out"])

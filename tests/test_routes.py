@@ -152,3 +152,33 @@ def test_optimizer_leaves_unchosen_variables_to_inner_optimizer(float64, mode):
     for index in (1, 2, 3):
         np.testing.assert_array_equal(ours[index], theirs[index])
     assert np.max(np.abs(ours[0] - theirs[0])) > 1e-4
+
+
+@pytest.mark.parametrize("scaling", ["loss_scale_factor", "inner_loss_scale_optimizer", "outer_loss_scale_optimizer"])
+def test_coupled_under_loss_scaling_equals_regularizer_route(float64, scaling):
+    """The penalty's gradient is scaled like the data gradient: never twice, never not at all."""
+
+    def make():
+        if scaling == "loss_scale_factor":
+            return keras.optimizers.Adam(0.01, loss_scale_factor=64.0)
+        if scaling == "inner_loss_scale_optimizer":
+            return keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01), initial_scale=64.0)
+        return keras.optimizers.Adam(0.01)
+
+    _, reg = _train("regularizer", make(), layer_names=("hidden",))
+    model = mlp()
+    optimizer = L2DecayOptimizer(make(), l2=L2, n=N, layers=select_layers(model, names="hidden"))
+    if scaling == "outer_loss_scale_optimizer":  # what Keras does itself under mixed_float16
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=64.0)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    model.fit(X, Y, batch_size=len(X), epochs=STEPS, shuffle=False, verbose=0)
+    for got, want in zip(weights(model), reg, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("make", [lambda: keras.optimizers.RMSprop(0.01), lambda: keras.optimizers.Adagrad(0.1)],
+                         ids=["rmsprop", "adagrad"])
+def test_adaptive_optimizers_decoupled_differs_from_coupled(float64, make):
+    _, coupled = _train("coupled", make(), layer_names=("hidden",), l2=ADAMW_L2)
+    _, decoupled = _train("decoupled", make(), layer_names=("hidden",), l2=ADAMW_L2)
+    assert np.max(np.abs(decoupled[0] - coupled[0])) > 1e-3
