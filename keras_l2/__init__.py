@@ -14,6 +14,7 @@ from keras_l2.loss import L2CategoricalCrossentropy
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import L2Regularizer, regularize
 from keras_l2.routes import L2Routes, l2_routes, set_l2
+from keras_l2.schedule import LambdaScheduler
 from keras_l2.selection import select_layers
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "L2DecayOptimizer",
     "L2Regularizer",
     "L2Routes",
+    "LambdaScheduler",
     "l2_math",
     "l2_routes",
     "regularize",

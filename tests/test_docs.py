@@ -11,7 +11,7 @@ import keras_l2
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MODULES = ["keras_l2.l2_math", "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss",
-           "keras_l2.optimizer", "keras_l2.routes"]
+           "keras_l2.optimizer", "keras_l2.routes", "keras_l2.schedule"]
 
 
 def test_readme_example_runs():

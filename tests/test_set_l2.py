@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import ROUTES, compile_route, data, mlp, reference_gd, weights
 
-from keras_l2 import l2_routes, select_layers, set_l2
+from keras_l2 import LambdaScheduler, l2_routes, select_layers, set_l2
 
 pytestmark = pytest.mark.core
 
@@ -67,3 +67,42 @@ def test_penalty_routes_retrace_on_change(float64):
     traced = model.train_function
     set_l2(model, 0.25)
     assert model.train_function is not traced
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_lambda_scheduler_matches_reference_and_logs_lambda(float64, route):
+    model = mlp()
+    compile_route(model, route, keras.optimizers.SGD(LR), 1.0, len(X), select_layers(model))
+    initial = weights(model)
+    history = model.fit(X, Y, batch_size=len(X), epochs=len(SCHEDULE), shuffle=False, verbose=0,
+                        callbacks=[LambdaScheduler(lambda epoch, l2: SCHEDULE[epoch])])
+    expected = reference_gd(initial, X, Y, LR, len(X), SCHEDULE)
+    tolerance = 1e-6 if keras.backend.backend() == "torch" else 1e-8
+    for got, want in zip(weights(model), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+    assert history.history["lambda"] == SCHEDULE
+
+
+def test_lambda_scheduler_sequence_and_bad_schedules():
+    model = mlp()
+    compile_route(model, "coupled", keras.optimizers.SGD(LR), 1.0, len(X), select_layers(model))
+    history = model.fit(X, Y, epochs=3, verbose=0, callbacks=[LambdaScheduler([0.5, 0.25, 0.0])])
+    assert history.history["lambda"] == [0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="Bad lambda for epoch 1 of the schedule.*l2=-1"):
+        LambdaScheduler([0.1, -1])
+    with pytest.raises(TypeError, match="must be a function"):
+        LambdaScheduler("0.1")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="has 2 lambdas but fit runs 3 epochs"):
+        model.fit(X, Y, epochs=3, verbose=0, callbacks=[LambdaScheduler([0.1, 0.2])])
+    with pytest.raises(ValueError, match="bad lambda for epoch 0.*l2=nan"):
+        model.fit(X, Y, epochs=1, verbose=0, callbacks=[LambdaScheduler(lambda epoch, l2: float("nan"))])
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lambda_scheduler_needs_a_route():
+    model = mlp()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    with pytest.raises(ValueError, match="uses no keras_l2 route"):
+        model.fit(X, Y, epochs=1, verbose=0, callbacks=[LambdaScheduler([0.1])])
