@@ -1,0 +1,31 @@
+"""The experiment scripts run end to end (tiny sizes: this checks they work, not speed)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_prints_a_ratio_for_every_variant():
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--sizes", "8,4,3", "--batch", "4",
+         "--rounds", "2", "--steps", "2", "--jit", "off"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("off ")]
+    variants = [row[1] for row in rows]
+    assert variants == ["none", "keras_L2", "keras_weight_decay", "regularizer", "loss", "coupled", "decoupled"]
+    assert float(rows[0][3]) == 1.0  # the baseline's ratio to itself
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+def test_benchmark_rejects_unknown_variant():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--variants", "none,l3", "--rounds", "1"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300,
+    )
+    assert done.returncode == 2 and "unknown variants ['l3']" in done.stderr
