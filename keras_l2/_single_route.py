@@ -27,10 +27,14 @@ def check_single_route(model, kernels, route: str) -> None:
     clashes = []
     if route != "regularizer":
         clashes += [f"an L2Regularizer on {k.path!r}" for k in kernels if isinstance(k.regularizer, L2Regularizer)]
-    if route != "loss":
-        for loss in keras.tree.flatten(getattr(model, "loss", None)):
-            if isinstance(loss, L2CategoricalCrossentropy) and any(id(layer.kernel) in ids for layer in loss.layers):
-                clashes.append("the compiled L2CategoricalCrossentropy")
+    losses = [loss for loss in keras.tree.flatten(getattr(model, "loss", None))
+              if isinstance(loss, L2CategoricalCrossentropy)]
+    covering = [loss for loss in losses if any(id(layer.kernel) in ids for layer in loss.layers)]
+    if route != "loss" and covering:
+        clashes.append("the compiled L2CategoricalCrossentropy")
+    if route == "loss" and len(covering) > 1:
+        # One loss per output of a multi-output model: each would add the penalty.
+        clashes.append(f"{len(covering)} compiled L2CategoricalCrossentropy losses (one per output)")
     if route != "optimizer":
         for optimizer in optimizer_chain(getattr(model, "optimizer", None)):
             if isinstance(optimizer, L2DecayOptimizer) and any(optimizer.covers(k) for k in kernels):

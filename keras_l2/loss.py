@@ -85,7 +85,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
             check_in_model(self._layers, model)
         check_unique_names(self._layers, model)
         check_single_route(model, [layer.kernel for layer in self._layers], route="loss")
-        self._checked_model = model
+        self._checked_model = (model, getattr(model, "optimizer", None))
         return self
 
     def penalty(self, dtype=None):
@@ -104,9 +104,10 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         model = _calling_model(self)
-        if model is not None and model is not self._checked_model:
-            # Checked on every call, not once: the same loss object compiled
-            # into a second model must not keep penalising the first one's kernels.
+        if model is not None and (model, model.optimizer) != self._checked_model:
+            # Checked on every trace, not once: the same loss object compiled
+            # into a second model, or recompiled beside an L2DecayOptimizer,
+            # must not keep penalising the wrong (or already decayed) kernels.
             self.bind(model)
         value = self.data_loss(y_true, y_pred, sample_weight=sample_weight)
         # Keras' reduction already divided the data term by the replica count.

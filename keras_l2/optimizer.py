@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_l2 import l2_math
@@ -124,11 +125,23 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         return _kernel_layer_name(kernel) in self._layer_names
 
     @property
-    def l2(self):
-        """Lambda: the variable's value once built, else the constructor's float."""
-        if self.built:
-            return float(ops.convert_to_numpy(self._l2_variable))
-        return self._initial_l2
+    def l2(self) -> float:
+        """Lambda, as last set.
+
+        Once built, lambda lives in `l2_variable`; this returns the Python float
+        it was set from while the variable still holds it (a float32 variable
+        rounds 1e-3 to 0.0010000000475), else the variable's value (e.g. one
+        restored from a checkpoint). During `fit`, change it with
+        `keras_l2.set_l2(model, value)` or `LambdaScheduler`: on JAX the trainer
+        keeps the live state outside the variables mid-epoch, and a direct
+        assignment here would be overwritten when the epoch ends.
+        """
+        if not self.built:
+            return self._initial_l2
+        value = ops.convert_to_numpy(self._l2_variable)
+        if value == np.asarray(self._initial_l2, dtype=value.dtype):
+            return self._initial_l2
+        return float(value)
 
     @l2.setter
     def l2(self, value: float) -> None:

@@ -306,3 +306,29 @@ def test_names_mixed_with_layers():
     model = mlp()
     with pytest.raises(TypeError, match="Received: 'out' of type str"):
         L2CategoricalCrossentropy(layers=[model.get_layer("hidden"), "out"])
+
+
+def test_loss_recompiled_beside_an_optimizer_route_is_refused():
+    model = mlp()
+    x, y = data()
+    loss = L2CategoricalCrossentropy(layers=select_layers(model))
+    model.compile(optimizer="sgd", loss=loss)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.compile(optimizer=L2DecayOptimizer(keras.optimizers.SGD(), layers=select_layers(model)), loss=loss)
+    with pytest.raises(ValueError, match="count the penalty twice"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["same_object", "two_objects"])
+def test_one_penalty_per_kernel_across_outputs(shared):
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+    outputs = [keras.layers.Dense(3, activation="softmax", name=f"head{i}")(hidden) for i in (1, 2)]
+    model = keras.Model(inputs, outputs)
+    layers = select_layers(model, names="hidden")
+    first = L2CategoricalCrossentropy(layers=layers)
+    second = first if shared else L2CategoricalCrossentropy(layers=layers)
+    model.compile(optimizer="sgd", loss=[first, second])
+    x, y = data()
+    with pytest.raises(ValueError, match="2 compiled L2CategoricalCrossentropy losses"):
+        model.fit(x, [y, y], epochs=1, verbose=0)

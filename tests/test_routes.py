@@ -182,3 +182,15 @@ def test_adaptive_optimizers_decoupled_differs_from_coupled(float64, make):
     _, coupled = _train("coupled", make(), layer_names=("hidden",), l2=ADAMW_L2)
     _, decoupled = _train("decoupled", make(), layer_names=("hidden",), l2=ADAMW_L2)
     assert np.max(np.abs(decoupled[0] - coupled[0])) > 1e-3
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(0.05, 4, 0.5), use_ema=True),
+    lambda: keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2),
+], ids=["adam_schedule_ema", "momentum_accumulation"])
+def test_coupled_equals_regularizer_route_with_wrapped_optimizer_features(float64, make):
+    """EMA, schedules and gradient accumulation live in the wrapped optimizer and still work."""
+    _, reg = _train("regularizer", make(), layer_names=("hidden",), steps=8)
+    _, coupled = _train("coupled", make(), layer_names=("hidden",), steps=8)
+    for got, want in zip(coupled, reg, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import ROUTES, compile_route, data, mlp, reference_gd, weights
 
-from keras_l2 import LambdaScheduler, l2_routes, select_layers, set_l2
+from keras_l2 import L2DecayOptimizer, LambdaScheduler, l2_routes, regularize, select_layers, set_l2
 
 pytestmark = pytest.mark.core
 
@@ -106,3 +106,15 @@ def test_lambda_scheduler_needs_a_route():
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     with pytest.raises(ValueError, match="uses no keras_l2 route"):
         model.fit(X, Y, epochs=1, verbose=0, callbacks=[LambdaScheduler([0.1])])
+
+
+def test_lambda_float32_cannot_hold_is_reported_as_set():
+    """A float32 lambda variable rounds 1e-3; the routes must still agree on 1e-3."""
+    model = mlp()
+    regularize(model, l2=1e-3, layers=select_layers(model, names="hidden"))
+    optimizer = L2DecayOptimizer(keras.optimizers.SGD(0.1), l2=1e-3, layers=select_layers(model, names="out"))
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    history = model.fit(X, Y, epochs=2, verbose=0, callbacks=[LambdaScheduler([1e-3, 3e-3])])
+    assert l2_routes(model).l2 == 3e-3
+    assert history.history["lambda"] == [1e-3, 3e-3]
+    assert float(keras.ops.convert_to_numpy(optimizer.l2_variable)) == np.float32(3e-3)
