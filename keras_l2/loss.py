@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import keras
 
@@ -85,7 +86,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
             check_in_model(self._layers, model)
         check_unique_names(self._layers, model)
         check_single_route(model, [layer.kernel for layer in self._layers], route="loss")
-        self._checked_model = (model, getattr(model, "optimizer", None))
+        self._checked_model = _binding_key(model)
         return self
 
     def penalty(self, dtype=None):
@@ -104,7 +105,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         model = _calling_model(self)
-        if model is not None and (model, model.optimizer) != self._checked_model:
+        if model is not None and _binding_key(model) != self._checked_model:
             # Checked on every trace, not once: the same loss object compiled
             # into a second model, or recompiled beside an L2DecayOptimizer,
             # must not keep penalising the wrong (or already decayed) kernels.
@@ -117,6 +118,17 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
         config = super().get_config()
         config.update({"l2": self.l2, "n": self.n, "layers": list(self._layer_names)})
         return config
+
+
+def _binding_key(model) -> tuple:
+    """Identifies a (model, optimizer) pair without holding either.
+
+    Weak references on purpose: Keras' saver walks a loss's attributes, and a
+    strong reference to the optimizer here made it save the optimizer's
+    variables under the loss, leaving none under the optimizer.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    return weakref.ref(model), None if optimizer is None else weakref.ref(optimizer)
 
 
 def _calling_model(loss):
