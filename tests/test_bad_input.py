@@ -17,6 +17,15 @@ from keras_l2 import (
 pytestmark = pytest.mark.core
 
 
+def assert_fit_refused(model, x, y, error: type, match: str) -> None:
+    """`model.fit(x, y)` raises `error` before a single weight changes."""
+    before = model.get_weights()
+    with pytest.raises(error, match=match):
+        model.fit(x, y, epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     "l2,error,fragment",
     [
@@ -157,11 +166,7 @@ def test_layer_of_another_model_loss_fails_before_training():
     model, other = mlp(), mlp(seed=2)
     x, y = data()
     model.compile(optimizer="sgd", loss=L2CategoricalCrossentropy(layers=select_layers(other)))
-    before = [np.array(v) for v in model.get_weights()]
-    with pytest.raises(ValueError, match="not a layer of model"):
-        model.fit(x, y, epochs=1, verbose=0)
-    for a, b in zip(before, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_fit_refused(model, x, y, ValueError, "not a layer of model")
 
 
 def test_layer_of_another_model_optimizer_fails_before_training():
@@ -169,11 +174,7 @@ def test_layer_of_another_model_optimizer_fails_before_training():
     x, y = data()
     model.compile(optimizer=L2DecayOptimizer(keras.optimizers.SGD(), layers=select_layers(other)),
                   loss="categorical_crossentropy")
-    before = model.get_weights()
-    with pytest.raises(ValueError, match="Layer 'hidden' is not part of the model this optimizer trains"):
-        model.fit(x, y, epochs=1, verbose=0)
-    for a, b in zip(before, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_fit_refused(model, x, y, ValueError, "Layer 'hidden' is not part of the model this optimizer trains")
 
 
 def test_unbuilt_model_where_weights_are_needed():
@@ -241,11 +242,7 @@ def test_loss_reused_in_another_model_is_refused():
     first.compile(optimizer="sgd", loss=loss)
     first.fit(x, y, epochs=1, verbose=0)
     second.compile(optimizer="sgd", loss=loss)
-    before = second.get_weights()
-    with pytest.raises(ValueError, match="not a layer of model"):
-        second.fit(x, y, epochs=1, verbose=0)
-    for a, b in zip(before, second.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_fit_refused(second, x, y, ValueError, "not a layer of model")
 
 
 @pytest.mark.parametrize("pair", ["regularizer+loss", "regularizer+optimizer", "loss+optimizer"])
@@ -261,11 +258,7 @@ def test_two_routes_on_one_kernel_are_refused(pair):
     if "optimizer" in pair:
         optimizer = L2DecayOptimizer(optimizer, layers=layers)
     model.compile(optimizer=optimizer, loss=loss)
-    before = model.get_weights()
-    with pytest.raises(ValueError, match="count the penalty twice"):
-        model.fit(x, y, epochs=1, verbose=0)
-    for a, b in zip(before, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_fit_refused(model, x, y, ValueError, "count the penalty twice")
 
 
 def test_regularize_refuses_kernels_of_a_compiled_loss_route():
