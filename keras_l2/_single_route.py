@@ -15,7 +15,8 @@ def check_single_route(model, kernels, route: str) -> None:
     """Raises if any of `kernels` is already regularized by another keras_l2 route.
 
     Args:
-        model: the model the kernels belong to.
+        model: the model the kernels belong to, or None where it is not known
+            (an optimizer's `build`): then only regularizers on the kernels count.
         kernels: the kernel variables the `route` is about to regularize.
         route: "regularizer", "loss" or "optimizer": the route being set up.
     """

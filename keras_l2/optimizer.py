@@ -9,7 +9,7 @@ from keras import ops
 from keras_l2 import l2_math
 from keras_l2._checks import check_l2, check_mode, check_n
 from keras_l2._distribution import per_replica
-from keras_l2.regularizer import L2Regularizer
+from keras_l2._single_route import check_single_route
 from keras_l2.selection import layers_or_names
 
 
@@ -159,13 +159,8 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         # Keras' LossScaleOptimizer builds the same way: own state, then the
         # wrapped optimizer on the same variables.
         chosen = self._resolve_chosen(var_list)
-        for v in chosen:
-            if isinstance(v.regularizer, L2Regularizer):
-                raise ValueError(
-                    f"Kernel {v.path!r} already carries an L2Regularizer; decaying it in "
-                    "the optimizer too would count the penalty twice. Use one keras_l2 "
-                    "route per kernel."
-                )
+        # No model here: only the regularizer route can be checked from the kernels.
+        check_single_route(None, chosen, route="optimizer")
         self._chosen_ids = frozenset(id(v) for v in chosen)
         initial = self._initial_l2
 
@@ -182,8 +177,8 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
 
     def _resolve_chosen(self, var_list) -> list:
+        known = {id(v): v for v in var_list}
         if self._chosen_kernel_ids is not None:
-            known = {id(v): v for v in var_list}
             for layer_name, kernel_id in zip(self._layer_names, self._chosen_kernel_ids, strict=True):
                 if kernel_id not in known:
                     raise ValueError(
@@ -192,32 +187,27 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
                         "so it belongs to another model or is frozen). Trainable "
                         f"Dense kernels: {_kernel_names(var_list)}"
                     )
-            chosen = [known[kernel_id] for kernel_id in self._chosen_kernel_ids]
-            names = [_kernel_layer_name(v) for v in var_list]
-            for layer_name in self._layer_names:
-                if names.count(layer_name) > 1:
-                    raise ValueError(
-                        f"Layer name {layer_name!r} occurs {names.count(layer_name)} times "
-                        "among the model's kernels (in nested models); a saved choice of it "
-                        "would be ambiguous. Give the layers distinct names (`name=...`)."
-                    )
-            return chosen
+        # Configs record layers by name, and Keras drops the nesting prefix of
+        # variable paths on reload: a name must pick exactly one kernel.
         by_name: dict[str, list] = {}
         for v in var_list:
-            name = _kernel_layer_name(v)
-            if name is not None:
-                by_name.setdefault(name, []).append(v)
-        chosen = []
+            by_name.setdefault(_kernel_layer_name(v), []).append(v)
         for name in self._layer_names:
             matches = by_name.get(name, [])
-            if len(matches) != 1:
-                problem = "has no trainable kernel" if not matches else "is ambiguous"
+            if len(matches) > 1:
                 raise ValueError(
-                    f"Layer name {name!r} {problem} among the variables this optimizer "
-                    f"is built with. Trainable kernels: {_kernel_names(var_list)}"
+                    f"Layer name {name!r} occurs {len(matches)} times among the model's "
+                    "kernels (in nested models); a saved choice of it would be ambiguous. "
+                    "Give the layers distinct names (`name=...`)."
                 )
-            chosen.append(matches[0])
-        return chosen
+            if not matches:
+                raise ValueError(
+                    f"Layer name {name!r} has no trainable kernel among the variables this "
+                    f"optimizer is built with. Trainable kernels: {_kernel_names(var_list)}"
+                )
+        if self._chosen_kernel_ids is not None:
+            return [known[kernel_id] for kernel_id in self._chosen_kernel_ids]
+        return [by_name[name][0] for name in self._layer_names]
 
     @property
     def variables(self):
