@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="TensorFlow CPU threads (0: TensorFlow's default). One thread is the default "
                              "because on a shared 2-core machine two threads flip between two speeds "
-                             "(seen here: 18 and 33 ms/step for the same model), which drowns a 1%% effect.")
+                             "(seen here), which drowns a 1%% effect.")
     args = parser.parse_args()
     if args.threads and keras.backend.backend() == "tensorflow":
         import tensorflow as tf

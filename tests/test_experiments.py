@@ -29,3 +29,13 @@ def test_benchmark_rejects_unknown_variant():
         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300,
     )
     assert done.returncode == 2 and "unknown variants ['l3']" in done.stderr
+
+
+def test_store_race_reports_no_failure_through_open_store():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "store_race.py"), "--processes", "3", "--trials", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trial, plain, locked = done.stdout.splitlines()[-1].split()
+    assert trial == "0" and locked == "0/3" and plain.endswith("/3")
