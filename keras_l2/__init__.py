@@ -7,10 +7,15 @@ the kernels of chosen Dense layers only:
 - `L2CategoricalCrossentropy`: cross-entropy plus the penalty of all chosen kernels;
 - `L2DecayOptimizer`: the decay applied by hand in any optimizer's update,
   coupled (L2 in the gradient) or decoupled (AdamW-style weight decay).
+
+`MlflowL2Logger` records what lambda did to every layer in MLflow.
 """
 
 from keras_l2 import l2_math
+from keras_l2.delivery import send_pending
 from keras_l2.loss import L2CategoricalCrossentropy
+from keras_l2.metrics import attach_l2_metrics, detach_l2_metrics
+from keras_l2.mlflow_logger import MlflowL2Logger
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import L2Regularizer, regularize
 from keras_l2.routes import L2Routes, l2_routes, set_l2
@@ -25,9 +30,13 @@ __all__ = [
     "L2Regularizer",
     "L2Routes",
     "LambdaScheduler",
+    "MlflowL2Logger",
+    "attach_l2_metrics",
+    "detach_l2_metrics",
     "l2_math",
     "l2_routes",
     "regularize",
     "select_layers",
+    "send_pending",
     "set_l2",
 ]

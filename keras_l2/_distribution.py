@@ -13,13 +13,26 @@ import keras
 from keras import ops
 
 
-def per_replica(value):
-    """Returns `value / R` inside a TensorFlow strategy with R > 1 replicas, else `value`."""
+def replicas() -> int:
+    """R: the number of replicas in sync (1 outside a TensorFlow strategy)."""
     if keras.backend.backend() != "tensorflow":
-        return value
+        return 1
     import tensorflow as tf
 
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas == 1:
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def per_replica(value):
+    """Returns `value / R` inside a TensorFlow strategy with R > 1 replicas, else `value`."""
+    count = replicas()
+    if count == 1:
         return value
-    return ops.multiply(value, ops.convert_to_tensor(1.0 / replicas, dtype=value.dtype))
+    return ops.multiply(value, ops.convert_to_tensor(1.0 / count, dtype=value.dtype))
+
+
+def all_replicas(value):
+    """Undoes `per_replica`: `value * R` (what Keras' loss tracker records)."""
+    count = replicas()
+    if count == 1:
+        return value
+    return ops.multiply(value, ops.convert_to_tensor(float(count), dtype=value.dtype))

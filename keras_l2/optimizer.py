@@ -126,22 +126,16 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
 
     @property
     def l2(self) -> float:
-        """Lambda, as last set.
+        """Lambda, as last set (or loaded): a Python float, usable while tracing.
 
         Once built, lambda lives in `l2_variable`; this returns the Python float
-        it was set from while the variable still holds it (a float32 variable
-        rounds 1e-3 to 0.0010000000475), else the variable's value (e.g. one
-        restored from a checkpoint). During `fit`, change it with
-        `keras_l2.set_l2(model, value)` or `LambdaScheduler`: on JAX the trainer
-        keeps the live state outside the variables mid-epoch, and a direct
-        assignment here would be overwritten when the epoch ends.
+        it was set from (a float32 variable rounds 1e-3 to 0.0010000000475).
+        During `fit`, change it with `keras_l2.set_l2(model, value)` or
+        `LambdaScheduler`: on JAX the trainer keeps the live state outside the
+        variables mid-epoch, and a direct assignment here would be overwritten
+        when the epoch ends.
         """
-        if not self.built:
-            return self._initial_l2
-        value = ops.convert_to_numpy(self._l2_variable)
-        if value == np.asarray(self._initial_l2, dtype=value.dtype):
-            return self._initial_l2
-        return float(value)
+        return self._initial_l2
 
     @l2.setter
     def l2(self, value: float) -> None:
@@ -212,6 +206,14 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        # A checkpoint may hold another lambda than the config; keep `l2` (the
+        # Python float the penalty metrics trace with) in step with it.
+        loaded = ops.convert_to_numpy(self._l2_variable)
+        if loaded != np.asarray(self._initial_l2, dtype=loaded.dtype):
+            self._initial_l2 = float(loaded)
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:

@@ -104,7 +104,11 @@ def set_l2(model, l2: float) -> None:
         loss.l2 = l2
     for optimizer in routes.optimizers:
         optimizer.l2 = l2
-    if routes.regularizers or routes.losses:
+    from keras_l2.metrics import l2_metrics_attached
+
+    # The penalty routes (and the `l2_penalty` metric, for every route) trace
+    # lambda as a constant.
+    if routes.regularizers or routes.losses or l2_metrics_attached(model):
         retrace(model)
 
 

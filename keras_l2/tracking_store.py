@@ -138,7 +138,10 @@ def open_store(store: TrackingStore):
 
 
 def experiment_id(client, name: str, store: TrackingStore) -> str:
-    """Returns the id of experiment `name`, creating it (with the store's artifact location)."""
+    """Returns the id of experiment `name`, creating it (with the store's artifact location).
+
+    `client` is an `mlflow.MlflowClient` or an MLflow tracking store object.
+    """
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id

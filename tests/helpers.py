@@ -112,7 +112,8 @@ def reference_loss(weights, x, y, l2: float, n: int) -> tuple[float, float]:
 def reported_rtol() -> float:
     """Tolerance for losses Keras reports in float64.
 
-    On torch Keras' reported float64 losses drift ~1e-8 relative from NumPy
-    even without regularization; elsewhere they are exact to rounding.
+    On torch Keras reports float64 losses and metrics through float32 (its
+    own `loss` is 1e-8 to 2e-7 relative off NumPy even without
+    regularization); elsewhere they are exact to rounding.
     """
-    return 1e-7 if keras.backend.backend() == "torch" else 1e-12
+    return 5e-7 if keras.backend.backend() == "torch" else 1e-12

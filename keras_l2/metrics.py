@@ -1,0 +1,157 @@
+"""The penalty and the data loss as Keras metrics, averaged in the graph as Keras averages `loss`.
+
+`attach_l2_metrics(model)` adds two metrics to a compiled model:
+
+- `l2_penalty`: `P = l2 / n * sum_l ||W_l||_F^2` over every chosen kernel of
+  every keras_l2 route, at the weights the step's forward pass used;
+- `data_loss`: Keras' loss without the part of `P` it contains (the
+  regularizer and loss routes put `P` in the loss; the optimizer route does
+  not, so there `data_loss` is Keras' `loss`).
+
+Both are updated inside the compiled train and test steps, weighted by the
+batch size exactly as Keras weights its `loss` tracker, so for the penalty
+routes `loss == data_loss + l2_penalty` per epoch to float precision. Keras
+then reports them like any metric: in `fit`'s logs and progress bar, in
+`History`, and for validation as `val_l2_penalty` and `val_data_loss` (the
+validation loss without the penalty, comparable across lambdas). Nothing
+leaves the device per batch.
+
+Example:
+
+>>> import keras
+>>> import numpy as np
+>>> from keras_l2 import regularize
+>>> from keras_l2.metrics import attach_l2_metrics, detach_l2_metrics
+>>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+>>> _ = regularize(model, l2=1e-2)
+>>> model.compile(optimizer="sgd", loss="categorical_crossentropy")
+>>> attach_l2_metrics(model)
+>>> history = model.fit(np.ones((8, 4)), np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]], verbose=0)
+>>> sorted(history.history)
+['data_loss', 'l2_penalty', 'loss']
+>>> detach_l2_metrics(model)
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import keras
+from keras import ops
+
+from keras_l2 import l2_math
+from keras_l2._distribution import all_replicas
+from keras_l2._retrace import retrace
+
+PENALTY = "l2_penalty"
+DATA_LOSS = "data_loss"
+
+# model -> _Hook. Weak keys: the hook must not keep a model alive, and nothing
+# is stored on the model itself that Keras' saver would walk.
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Hook:
+    def __init__(self, model):
+        self.penalty = keras.metrics.Mean(name=PENALTY)
+        self.data_loss = keras.metrics.Mean(name=DATA_LOSS)
+        self.compute_loss = model.compute_loss  # the bound method we wrap
+        self.had_own_compute_loss = "compute_loss" in model.__dict__
+
+
+def attach_l2_metrics(model) -> None:
+    """Adds `l2_penalty` and `data_loss` to `model`'s metrics (idempotent).
+
+    Call before `fit`/`evaluate` (the `MlflowL2Logger` does it when training
+    starts). The compiled step functions are rebuilt once so that they update
+    the new metrics. Undo with `detach_l2_metrics`.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Expected a `keras.Model`. Received: model={model!r} of type {type(model).__name__}")
+    if model in _HOOKS:
+        return
+    clashes = sorted(set(_metric_names(model)) & {PENALTY, DATA_LOSS})
+    if clashes:
+        raise ValueError(
+            f"Model {model.name!r} already has metrics named {clashes}; keras_l2 reports the "
+            f"penalty and the data loss under these names. Rename your metrics."
+        )
+    hook = _Hook(model)
+    original = hook.compute_loss
+
+    def compute_loss(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        if loss is not None:
+            x = kwargs["x"] if "x" in kwargs else (args[0] if args else None)
+            _update(model, hook, x, loss)
+        return loss
+
+    # Keras reads `compute_loss` from the instance on every step it traces;
+    # the private `_metrics` list is what `Model.metrics` reports (and Keras'
+    # saver skips), so the metrics are reset, synced and logged like Keras' own.
+    model.compute_loss = compute_loss
+    model._metrics.extend([hook.penalty, hook.data_loss])
+    _HOOKS[model] = hook
+    retrace(model)
+
+
+def _metric_names(model):
+    for metric in model.metrics:
+        yield metric.name
+        # `compile(metrics=...)` metrics sit inside one container metric.
+        for inner in getattr(metric, "metrics", None) or ():
+            yield inner.name
+
+
+def detach_l2_metrics(model) -> None:
+    """Removes what `attach_l2_metrics` added (a no-op if nothing is attached)."""
+    hook = _HOOKS.pop(model, None)
+    if hook is None:
+        return
+    model._metrics[:] = [m for m in model._metrics if m is not hook.penalty and m is not hook.data_loss]
+    if hook.had_own_compute_loss:
+        model.compute_loss = hook.compute_loss
+    else:
+        del model.compute_loss
+    retrace(model)
+
+
+def l2_metrics_attached(model) -> bool:
+    """Whether `attach_l2_metrics(model)` is in effect."""
+    return model in _HOOKS
+
+
+def penalty_terms(model) -> list:
+    """`(kernels, l2, n, in_loss)` for each keras_l2 route on `model`.
+
+    `in_loss` says whether the route puts its penalty into Keras' loss (the
+    regularizer and loss routes) or applies it in the update (the optimizer).
+    """
+    from keras_l2.routes import l2_routes
+
+    routes = l2_routes(model)
+    terms = [([v], reg.l2, reg.n, True) for v, reg in routes.regularizers]
+    # A loss restored from a config knows its layers by name until bound.
+    terms += [([layer.kernel for layer in (loss.layers or loss.bind(model).layers)], loss.l2, loss.n, True)
+              for loss in routes.losses]
+    terms += [(list(opt.chosen_variables), opt.l2, opt.n, False) for opt in routes.optimizers]
+    return terms
+
+
+def _update(model, hook, x, loss):
+    total = in_loss = None
+    for kernels, l2, n, counted in penalty_terms(model):
+        value = l2_math.penalty(kernels, l2, n, dtype=loss.dtype)
+        total = value if total is None else ops.add(total, value)
+        if counted:
+            in_loss = value if in_loss is None else ops.add(in_loss, value)
+    if total is None:
+        total = ops.zeros((), dtype=loss.dtype)
+    # Keras' loss tracker sees the loss before its per-replica division and
+    # weights each step by the batch size; do exactly the same.
+    full_loss = all_replicas(loss)
+    data = full_loss if in_loss is None else ops.subtract(full_loss, in_loss)
+    first = next(v for v in keras.tree.flatten(x) if v is not None)
+    batch = ops.shape(first)[0]
+    hook.penalty.update_state(total, sample_weight=batch)
+    hook.data_loss.update_state(data, sample_weight=batch)

@@ -1,0 +1,405 @@
+"""`MlflowL2Logger`: what lambda did to every layer, per epoch, in MLflow."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import logging
+import math
+import weakref
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_l2 import l2_math
+from keras_l2._single_route import optimizer_chain
+from keras_l2.delivery import Outbox
+from keras_l2.metrics import DATA_LOSS, PENALTY, attach_l2_metrics, detach_l2_metrics, penalty_terms
+from keras_l2.mlflow_names import sanitize, unique_keys
+from keras_l2.optimizer import L2DecayOptimizer
+from keras_l2.routes import l2_routes
+from keras_l2.selection import all_layers
+from keras_l2.tracking_store import resolve_store
+
+LOG = logging.getLogger("keras_l2")
+NORM_PREFIX = "weight_norm/"
+STEP_PREFIX = "step/"
+_MAX_PARAM_LENGTH = 6000
+_UNFINISHED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _never_raises(hook):
+    """Tracking must never end a training run: report the error once, go on."""
+
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            if not self._reported_error:
+                self._reported_error = True
+                LOG.warning("keras_l2: MlflowL2Logger.%s failed (%s: %s); training goes on, "
+                            "tracking of this step is skipped.", hook.__name__, type(error).__name__, error,
+                            exc_info=LOG.isEnabledFor(logging.DEBUG))
+            return None
+
+    return guarded
+
+
+class MlflowL2Logger(keras.callbacks.Callback):
+    """Logs lambda, the penalty, the data loss and every Dense kernel's norm to MLflow.
+
+    Works with every keras_l2 route (regularizer, loss, optimizer in either
+    mode), found on the model when training starts. Logged:
+
+    - params at train start: `l2.lambda`, `l2.n`, `l2.route`
+      (regularizer | loss | optimizer | none), `l2.mode` (penalty | coupled |
+      decoupled | none), `l2.layers`, the optimizer's class and config
+      (`optimizer.*`), `model.params` and `model.trainable_params`;
+    - tags: `l2.regularized/<layer>` = true/false for every Dense layer;
+    - metrics every epoch, at step = epochs completed: every Keras log
+      (`loss`, `val_loss`, accuracy, ...), `lambda` (the lambda used in that
+      epoch), `l2_penalty`, `data_loss`, `regularized_loss` (= data_loss +
+      l2_penalty), `val_l2_penalty`, `val_data_loss` (the validation loss
+      without the penalty, comparable across lambdas), and
+      `weight_norm/<layer>`, the Frobenius norm of every Dense kernel, chosen
+      or not. Step 0 holds the initial norms and lambda;
+    - with `log_every_n_steps=k`, also every k optimizer steps, at step =
+      the global step, under `step/<name>`: Keras' running epoch averages,
+      `step/lambda` and `step/weight_norm/<layer>`.
+
+    `l2_penalty` and `data_loss` are Keras metrics averaged in the compiled
+    step exactly like `loss` (see `keras_l2.metrics`), so for the regularizer
+    and loss routes `loss == data_loss + l2_penalty`; for the optimizer route
+    Keras' `loss` is the data loss and the penalty is reported beside it.
+    Norms are computed on the device; numbers move to the host once per
+    logging step.
+
+    Where: an explicit `tracking_uri`, else the user's (`MLFLOW_TRACKING_URI`
+    or `mlflow.set_tracking_uri`), else the embedded SQLite store
+    `mlruns/mlflow.db` (artifacts in `mlruns/artifacts/`).
+
+    Runs: with an active MLflow run on the same store, logs into it (or, with
+    `nested=True`, into a new child run of it); otherwise starts its own run
+    and ends it when training ends (FINISHED). If `fit` raises, a run it
+    started is marked FAILED on leaving a `with MlflowL2Logger(...)` block,
+    at the logger's next `fit`, or at interpreter exit, whichever is first.
+
+    The tracking store never stalls or fails training: records are sent from
+    a background thread; while the store is unreachable they are kept and
+    retried; at train end the logger waits at most `max_delay` seconds, then
+    saves what is left under `mlruns/keras_l2_pending/` and sends it later
+    (see `keras_l2.delivery`). Errors inside the logger are reported once and
+    never raised out of `fit`; bad arguments are refused here, before training.
+
+    Args:
+        tracking_uri: the MLflow store; see above.
+        experiment_name: the experiment of runs this logger starts.
+        run_name: the name of a run this logger starts.
+        nested: with an active run, start a child run under it (one per fit).
+        tags: tags for the run (keys are sanitized like metric keys).
+        log_every_n_steps: also log every this many optimizer steps (None: per epoch only).
+        log_params: whether to log the params listed above.
+        max_delay: the most seconds training waits on tracking at train end.
+        spool_dir: where undelivered records are saved.
+        verbose: 1 prints where the run is at train start and end.
+
+    Example:
+
+    >>> import keras, numpy as np, tempfile, os
+    >>> from keras_l2 import MlflowL2Logger, regularize
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    >>> _ = regularize(model, l2=1e-2)
+    >>> model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     logger = MlflowL2Logger(tracking_uri=f"sqlite:///{root}/mlflow.db", verbose=0)
+    ...     _ = model.fit(np.ones((8, 4)), np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]], epochs=2,
+    ...                   callbacks=[logger], verbose=0)
+    ...     run = logger.client().get_run(logger.run_id)
+    >>> run.info.status, run.data.params["l2.route"], "weight_norm/dense" in run.data.metrics
+    ('FINISHED', 'regularizer', True)
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str = "keras_l2",
+        run_name: str | None = None,
+        nested: bool = False,
+        tags: dict | None = None,
+        log_every_n_steps: int | None = None,
+        log_params: bool = True,
+        max_delay: float = 5.0,
+        spool_dir=None,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        self.store = resolve_store(tracking_uri)
+        if not isinstance(experiment_name, str) or not experiment_name.strip() or len(experiment_name) > 500:
+            raise ValueError(
+                f"`experiment_name` must be a non-empty string of at most 500 characters. "
+                f"Received: experiment_name={experiment_name!r}"
+            )
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"`log_every_n_steps` must be None (per epoch only) or an integer >= 1. "
+                f"Received: log_every_n_steps={log_every_n_steps!r}"
+            )
+        if isinstance(max_delay, bool) or not isinstance(max_delay, (int, float)) or not (
+            math.isfinite(max_delay) and max_delay >= 0
+        ):
+            raise ValueError(f"`max_delay` must be a finite number of seconds >= 0. Received: max_delay={max_delay!r}")
+        if tags is not None and not isinstance(tags, dict):
+            raise TypeError(f"`tags` must be a dict of tag names to values. Received: tags={tags!r}")
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.nested = bool(nested)
+        self.tags = {sanitize(k): str(v) for k, v in (tags or {}).items()}
+        self.log_every_n_steps = log_every_n_steps
+        self.log_params = bool(log_params)
+        self.max_delay = float(max_delay)
+        self.verbose = verbose
+        self._outbox = Outbox(self.store, spool_dir=spool_dir, request_timeout=min(5.0, max(1.0, self.max_delay)))
+        self._spool_checked = False
+        self._run = None  # the outbox's key for the run being logged to
+        self._owns_run = False
+        self._l2_model = None
+        self._in_fit = False
+        self._reported_error = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None while its creation is still pending)."""
+        return None if self._run is None else self._outbox.run_id(self._run)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.store.tracking_uri
+
+    def client(self):
+        """An `mlflow.MlflowClient` on this logger's store."""
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.store.tracking_uri)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Sends everything queued, waiting at most `timeout` s (default `max_delay`)."""
+        return self._outbox.flush(self.max_delay if timeout is None else timeout)
+
+    def close(self, status: str = "FINISHED") -> bool:
+        """Ends a run this logger started and still has open, flushes, detaches the metrics."""
+        if self._owns_run and self._run is not None:
+            self._outbox.end_run(self._run, status)
+            self._owns_run = False
+            _UNFINISHED.discard(self)
+        if self._l2_model is not None:
+            detach_l2_metrics(self._l2_model)
+        return self.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        self.close("FAILED" if exc_type is not None else "FINISHED")
+        return False
+
+    # --------------------------------------------------------------- callbacks
+    def set_model(self, model):
+        super().set_model(model)
+        # Our own reference: on JAX, `self.model` syncs the whole training
+        # state back into the variables, which per batch would cost a lot.
+        self._l2_model = model
+        attach_l2_metrics(model)
+
+    def on_train_begin(self, logs=None):
+        model = self._l2_model
+        if self._owns_run:  # the previous fit with this logger raised
+            self.close("FAILED")
+            attach_l2_metrics(model)
+        self._in_fit = True
+        self._global_step = self._last_step_logged = self._epoch_start_step = 0
+        self._epoch_lambda = None
+        try:
+            self._describe(model)  # bad set-ups are refused here, before the first step
+        except Exception:
+            self._in_fit = False
+            detach_l2_metrics(model)
+            raise
+        self._start_run(model)
+
+    @_never_raises
+    def _start_run(self, model):
+        if not self._spool_checked:
+            self._spool_checked = True
+            self._outbox.adopt_spool()
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and mlflow.get_tracking_uri() != self.store.tracking_uri:
+            LOG.warning("keras_l2: the active MLflow run %s is on %s, but this logger logs to %s; it "
+                        "starts a run of its own there.", active.info.run_id, mlflow.get_tracking_uri(),
+                        self.store.tracking_uri)
+            active = None
+        if active is not None and not self.nested:
+            self._run = self._outbox.use_run(active.info.run_id)
+            self._outbox.log(self._run, tags=self.tags)
+        else:
+            from mlflow.tracking.context.registry import resolve_tags
+
+            self._run = self._outbox.create_run(
+                self.experiment_name,
+                run_name=self.run_name,
+                tags=resolve_tags(self.tags),
+                parent_run_id=None if active is None else active.info.run_id,
+            )
+            self._owns_run = True
+            _UNFINISHED.add(self)
+        if self.log_params:
+            self._outbox.log(self._run, params=self._params(model))
+        self._outbox.log(self._run, tags={f"l2.regularized/{key}": str(flag).lower()
+                                          for key, flag in zip(self._norm_keys, self._regularized)})
+        values = self._to_host({}, self._kernels)
+        values["lambda"] = self._current_lambda(model)
+        self._outbox.log(self._run, metrics=values, step=0)
+        if self.verbose:
+            print(f"MlflowL2Logger: logging to {self.store.tracking_uri} (experiment "
+                  f"{self.experiment_name!r}, route {self._route}).")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._epoch_lambda is None:
+            # After every on_epoch_begin (a LambdaScheduler's included): the
+            # lambda this epoch's steps use.
+            self._epoch_lambda = self._current_lambda(self._l2_model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_lambda = None
+        self._epoch_start_step = self._global_step
+
+    @_never_raises
+    def on_train_batch_end(self, batch, logs=None):
+        self._global_step = self._epoch_start_step + batch + 1
+        k = self.log_every_n_steps
+        if k is None or self._global_step // k == self._last_step_logged // k:
+            return
+        self._last_step_logged = self._global_step
+        values = self._to_host(logs or {}, self._kernels, _live_values(self._l2_model, self._kernels))
+        values["lambda"] = self._epoch_lambda
+        self._outbox.log(self._run, metrics={STEP_PREFIX + k: v for k, v in values.items()}, step=self._global_step)
+
+    @_never_raises
+    def on_epoch_end(self, epoch, logs=None):
+        values = self._to_host(logs or {}, self._kernels)
+        lam = self._epoch_lambda if self._epoch_lambda is not None else self._current_lambda(self._l2_model)
+        values["lambda"] = lam
+        self._outbox.log(self._run, metrics=values, step=epoch + 1)
+
+    def on_train_end(self, logs=None):
+        self._in_fit = False
+        self._finish()
+
+    def on_test_end(self, logs=None):
+        if not self._in_fit:  # a standalone evaluate(callbacks=[logger])
+            detach_l2_metrics(self._l2_model)
+
+    def on_predict_end(self, logs=None):
+        if not self._in_fit:
+            detach_l2_metrics(self._l2_model)
+
+    @_never_raises
+    def _finish(self):
+        self.close("FINISHED")
+        if self.verbose:
+            run_id = self.run_id
+            print(f"MlflowL2Logger: run {run_id or '(pending delivery)'} in {self.store.tracking_uri}. "
+                  f"Open the UI with `mlflow ui --backend-store-uri {self.store.tracking_uri}` (or `make ui`).")
+
+    # ------------------------------------------------------------------ helpers
+    def _describe(self, model):
+        routes = l2_routes(model)
+        lam = routes.l2  # raises if the routes disagree
+        terms = penalty_terms(model)
+        chosen = {id(k) for kernels, *_ in terms for k in kernels}
+        dense = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dense) and layer.built]
+        self._kernels = [layer.kernel for layer in dense]
+        self._norm_keys = unique_keys(layer.name for layer in dense)
+        self._regularized = [id(k) in chosen for k in self._kernels]
+        names = routes.names
+        if not names:
+            LOG.warning("keras_l2: model %r uses no keras_l2 route; MlflowL2Logger logs it as an "
+                        "unregularized baseline (l2.route=none, lambda 0, l2_penalty 0).", model.name)
+        self._route = "+".join(names) if names else "none"
+        modes = sorted({opt.mode for opt in routes.optimizers} | ({"penalty"} if routes.regularizers or routes.losses else set()))
+        self._mode = "+".join(modes) if modes else "none"
+        ns = sorted({n for _, _, n, _ in terms}) or [1]
+        self._l2_description = {
+            "l2.lambda": 0.0 if lam is None else lam,
+            "l2.n": ",".join(map(str, ns)),
+            "l2.route": self._route,
+            "l2.mode": self._mode,
+            "l2.layers": ",".join(layer.name for layer, flag in zip(dense, self._regularized) if flag),
+        }
+
+    def _params(self, model) -> dict:
+        params = dict(self._l2_description)
+        chain = list(optimizer_chain(getattr(model, "optimizer", None)))
+        if chain:
+            params["optimizer.class"] = "(".join(type(o).__name__ for o in chain) + ")" * (len(chain) - 1)
+            inner = chain[-1]
+            for key, value in inner.get_config().items():
+                params[f"optimizer.{sanitize(key)}"] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value, default=str)
+        params["model.params"] = model.count_params()
+        params["model.trainable_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+        params["keras.backend"] = keras.backend.backend()
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None:
+            params["fit.epochs"] = epochs
+        return {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in params.items()}
+
+    def _current_lambda(self, model) -> float:
+        value = l2_routes(model).l2
+        return 0.0 if value is None else float(value)
+
+    def _to_host(self, logs: dict, kernels, values=None) -> dict:
+        """Keras logs and kernel norms as Python floats, in one device-to-host copy."""
+        names, tensors, result = [], [], {}
+        for name, value in logs.items():
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                result[name] = float(value)
+            elif hasattr(value, "shape") and int(np.prod(value.shape)) == 1:
+                names.append(name)
+                tensors.append(ops.reshape(value, ()))
+        norms = l2_math.kernel_norms(values if values is not None else kernels)
+        names += [NORM_PREFIX + key for key in self._norm_keys]
+        tensors += norms
+        if tensors:
+            dtype = "float64" if any(keras.backend.standardize_dtype(t.dtype) == "float64" for t in tensors) else "float32"
+            host = ops.convert_to_numpy(ops.stack([ops.cast(t, dtype) for t in tensors]))
+            result.update({name: float(v) for name, v in zip(names, host)})
+        for prefix in ("", "val_"):
+            if prefix + DATA_LOSS in result and prefix + PENALTY in result:
+                result[prefix + "regularized_loss"] = result[prefix + DATA_LOSS] + result[prefix + PENALTY]
+        return {sanitize(k): v for k, v in result.items()}
+
+
+def _live_values(model, kernels):
+    """The kernels' current values; mid-epoch on JAX they live in the trainer's state."""
+    state = getattr(model, "_jax_state", None)
+    if not state or getattr(model, "_jax_state_synced", True):
+        return None
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    trainable = state["trainable_variables"]
+    return [trainable[index[id(k)]] if id(k) in index else k.value for k in kernels]
+
+
+@atexit.register
+def _fail_unfinished() -> None:
+    # A run this process started and never finished: its `fit` raised.
+    for logger in list(_UNFINISHED):
+        with contextlib.suppress(Exception):
+            logger.close("FAILED")

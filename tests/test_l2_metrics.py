@@ -1,0 +1,121 @@
+"""`l2_penalty` and `data_loss` against a NumPy reference, averaged as Keras averages `loss`."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_l2 import attach_l2_metrics, detach_l2_metrics, select_layers, set_l2
+from tests.helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, reported_rtol, weights
+
+pytestmark = pytest.mark.core
+
+LAMBDA, LR = 0.3, 0.1
+RTOL = max(1e-10, reported_rtol())  # against NumPy
+EXACT = max(1e-14, reported_rtol())  # between metrics Keras averages the same way
+
+
+def _cce(params, x, y):
+    return reference_loss(params, x, y, 0.0, 1)[0]
+
+
+def _penalty(params, lam, n, chosen):
+    return lam / n * sum(float((w**2).sum()) for w, c in zip(params[0::2], chosen) if c)
+
+
+@pytest.mark.parametrize("chosen", [(True, True), (False, True)], ids=["both", "out"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_epoch_metrics_equal_numpy_reference(float64, route, chosen):
+    x, y = data(24)
+    xv, yv = data(9, seed=5)
+    n = 24
+    model = mlp()
+    w0 = weights(model)
+    names = [name for name, c in zip(("hidden", "out"), chosen) if c]
+    compile_route(model, route, keras.optimizers.SGD(LR), LAMBDA, n, select_layers(model, names=names))
+    attach_l2_metrics(model)
+    history = model.fit(x, y, batch_size=24, epochs=3, shuffle=False, verbose=0, validation_data=(xv, yv)).history
+    in_loss = route in ("regularizer", "loss")
+    for epoch in range(3):
+        start = reference_gd(w0, x, y, LR, n, [LAMBDA] * epoch, chosen)
+        end = reference_gd(w0, x, y, LR, n, [LAMBDA] * (epoch + 1), chosen)
+        penalty = _penalty(start, LAMBDA, n, chosen)
+        np.testing.assert_allclose(history["l2_penalty"][epoch], penalty, rtol=RTOL)
+        np.testing.assert_allclose(history["data_loss"][epoch], _cce(start, x, y), rtol=RTOL)
+        expected_loss = _cce(start, x, y) + (penalty if in_loss else 0.0)
+        np.testing.assert_allclose(history["loss"][epoch], expected_loss, rtol=RTOL)
+        np.testing.assert_allclose(history["val_l2_penalty"][epoch], _penalty(end, LAMBDA, n, chosen), rtol=RTOL)
+        np.testing.assert_allclose(history["val_data_loss"][epoch], _cce(end, xv, yv), rtol=RTOL)
+
+
+class _StepRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.params_at_step = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.params_at_step.append(weights(self.model))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_minibatch_epoch_average_weights_steps_by_batch_size(float64, route):
+    # 25 examples in batches of 10: 10, 10, 5. Keras weights each step's loss
+    # by its batch size; the penalty and data loss must be averaged the same way.
+    x, y = data(25)
+    model = mlp()
+    compile_route(model, route, keras.optimizers.Adam(0.05), LAMBDA, 25, select_layers(model))
+    attach_l2_metrics(model)
+    recorder = _StepRecorder()
+    history = model.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0, callbacks=[recorder]).history
+    sizes = np.array([10, 10, 5])
+    for epoch in range(2):
+        steps = recorder.params_at_step[3 * epoch: 3 * epoch + 3]
+        batches = [(x[i:i + 10], y[i:i + 10]) for i in (0, 10, 20)]
+        penalties = np.array([_penalty(p, LAMBDA, 25, (True, True)) for p in steps])
+        losses = np.array([_cce(p, bx, by) for p, (bx, by) in zip(steps, batches)])
+        np.testing.assert_allclose(history["l2_penalty"][epoch], (sizes * penalties).sum() / 25, rtol=RTOL)
+        np.testing.assert_allclose(history["data_loss"][epoch], (sizes * losses).sum() / 25, rtol=RTOL)
+        if route in ("regularizer", "loss"):
+            total = history["data_loss"][epoch] + history["l2_penalty"][epoch]
+            np.testing.assert_allclose(history["loss"][epoch], total, rtol=EXACT, atol=0)
+        else:
+            np.testing.assert_allclose(history["loss"][epoch], history["data_loss"][epoch], rtol=EXACT)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_penalty_metric_follows_a_changed_lambda(float64, route):
+    x, y = data(24)
+    model = mlp()
+    w0 = weights(model)
+    compile_route(model, route, keras.optimizers.SGD(LR), LAMBDA, 24, select_layers(model))
+    attach_l2_metrics(model)
+    first = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
+    set_l2(model, 2 * LAMBDA)
+    second = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
+    start = reference_gd(w0, x, y, LR, 24, [LAMBDA], (True, True))
+    np.testing.assert_allclose(first["l2_penalty"][0], _penalty(w0, LAMBDA, 24, (True, True)), rtol=RTOL)
+    np.testing.assert_allclose(second["l2_penalty"][0], _penalty(start, 2 * LAMBDA, 24, (True, True)), rtol=RTOL)
+
+
+def test_detach_restores_the_model(tmp_path):
+    x, y = data(24)
+    model = mlp()
+    compile_route(model, "regularizer", "sgd", LAMBDA, 24, select_layers(model))
+    before = model.evaluate(x, y, verbose=0)
+    attach_l2_metrics(model)
+    attach_l2_metrics(model)  # idempotent
+    assert set(model.evaluate(x, y, verbose=0, return_dict=True)) == {"loss", "l2_penalty", "data_loss"}
+    detach_l2_metrics(model)
+    assert "compute_loss" not in vars(model)
+    assert model.evaluate(x, y, verbose=0) == before
+    model.save(tmp_path / "m.keras")
+    restored = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_a_user_metric_with_the_same_name_is_refused():
+    model = mlp()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy",
+                  metrics=[keras.metrics.MeanSquaredError(name="data_loss")])
+    model.evaluate(*data(4), verbose=0)
+    with pytest.raises(ValueError, match=r"already has metrics named \['data_loss'\]"):
+        attach_l2_metrics(model)
