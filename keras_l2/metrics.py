@@ -134,7 +134,10 @@ def penalty_terms(model) -> list:
     # A loss restored from a config knows its layers by name until bound.
     terms += [([layer.kernel for layer in (loss.layers or loss.bind(model).layers)], loss.l2, loss.n, True)
               for loss in routes.losses]
-    terms += [(list(opt.chosen_variables), opt.l2, opt.n, False) for opt in routes.optimizers]
+    # `covers` also answers before the optimizer is built (TensorFlow's fit
+    # builds it at the first step, after `on_train_begin`).
+    kernels = model.trainable_variables if routes.optimizers else []
+    terms += [([k for k in kernels if opt.covers(k)], opt.l2, opt.n, False) for opt in routes.optimizers]
     return terms
 
 

@@ -19,7 +19,6 @@ from keras_l2._single_route import optimizer_chain
 from keras_l2.delivery import Outbox
 from keras_l2.metrics import DATA_LOSS, PENALTY, attach_l2_metrics, detach_l2_metrics, penalty_terms
 from keras_l2.mlflow_names import sanitize, unique_keys
-from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.routes import l2_routes
 from keras_l2.selection import all_layers
 from keras_l2.tracking_store import resolve_store
@@ -175,8 +174,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
     # ------------------------------------------------------------------ public
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id (None while its creation is still pending)."""
-        return None if self._run is None else self._outbox.run_id(self._run)
+        """The MLflow run id; waits up to `max_delay` s for a pending creation (None if still pending)."""
+        return None if self._run is None else self._outbox.run_id(self._run, timeout=self.max_delay)
 
     @property
     def tracking_uri(self) -> str:
@@ -263,7 +262,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         if self.log_params:
             self._outbox.log(self._run, params=self._params(model))
         self._outbox.log(self._run, tags={f"l2.regularized/{key}": str(flag).lower()
-                                          for key, flag in zip(self._norm_keys, self._regularized)})
+                                          for key, flag in zip(self._norm_keys, self._regularized, strict=True)})
         values = self._to_host({}, self._kernels)
         values["lambda"] = self._current_lambda(model)
         self._outbox.log(self._run, metrics=values, step=0)
@@ -334,7 +333,10 @@ class MlflowL2Logger(keras.callbacks.Callback):
             LOG.warning("keras_l2: model %r uses no keras_l2 route; MlflowL2Logger logs it as an "
                         "unregularized baseline (l2.route=none, lambda 0, l2_penalty 0).", model.name)
         self._route = "+".join(names) if names else "none"
-        modes = sorted({opt.mode for opt in routes.optimizers} | ({"penalty"} if routes.regularizers or routes.losses else set()))
+        modes = {opt.mode for opt in routes.optimizers}
+        if routes.regularizers or routes.losses:
+            modes.add("penalty")
+        modes = sorted(modes)
         self._mode = "+".join(modes) if modes else "none"
         ns = sorted({n for _, _, n, _ in terms}) or [1]
         self._l2_description = {
@@ -342,7 +344,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             "l2.n": ",".join(map(str, ns)),
             "l2.route": self._route,
             "l2.mode": self._mode,
-            "l2.layers": ",".join(layer.name for layer, flag in zip(dense, self._regularized) if flag),
+            "l2.layers": ",".join(layer.name for layer, flag in zip(dense, self._regularized, strict=True) if flag),
         }
 
     def _params(self, model) -> dict:
@@ -352,7 +354,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
             params["optimizer.class"] = "(".join(type(o).__name__ for o in chain) + ")" * (len(chain) - 1)
             inner = chain[-1]
             for key, value in inner.get_config().items():
-                params[f"optimizer.{sanitize(key)}"] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value, default=str)
+                simple = value is None or isinstance(value, (int, float, str, bool))
+                params[f"optimizer.{sanitize(key)}"] = value if simple else json.dumps(value, default=str)
         params["model.params"] = model.count_params()
         params["model.trainable_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
         params["keras.backend"] = keras.backend.backend()
@@ -378,9 +381,10 @@ class MlflowL2Logger(keras.callbacks.Callback):
         names += [NORM_PREFIX + key for key in self._norm_keys]
         tensors += norms
         if tensors:
-            dtype = "float64" if any(keras.backend.standardize_dtype(t.dtype) == "float64" for t in tensors) else "float32"
+            wide = any(keras.backend.standardize_dtype(t.dtype) == "float64" for t in tensors)
+            dtype = "float64" if wide else "float32"
             host = ops.convert_to_numpy(ops.stack([ops.cast(t, dtype) for t in tensors]))
-            result.update({name: float(v) for name, v in zip(names, host)})
+            result.update({name: float(v) for name, v in zip(names, host, strict=True)})
         for prefix in ("", "val_"):
             if prefix + DATA_LOSS in result and prefix + PENALTY in result:
                 result[prefix + "regularized_loss"] = result[prefix + DATA_LOSS] + result[prefix + PENALTY]

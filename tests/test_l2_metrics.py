@@ -19,7 +19,7 @@ def _cce(params, x, y):
 
 
 def _penalty(params, lam, n, chosen):
-    return lam / n * sum(float((w**2).sum()) for w, c in zip(params[0::2], chosen) if c)
+    return lam / n * sum(float((w**2).sum()) for w, c in zip(params[0::2], chosen, strict=True) if c)
 
 
 @pytest.mark.parametrize("chosen", [(True, True), (False, True)], ids=["both", "out"])
@@ -30,7 +30,7 @@ def test_epoch_metrics_equal_numpy_reference(float64, route, chosen):
     n = 24
     model = mlp()
     w0 = weights(model)
-    names = [name for name, c in zip(("hidden", "out"), chosen) if c]
+    names = [name for name, c in zip(("hidden", "out"), chosen, strict=True) if c]
     compile_route(model, route, keras.optimizers.SGD(LR), LAMBDA, n, select_layers(model, names=names))
     attach_l2_metrics(model)
     history = model.fit(x, y, batch_size=24, epochs=3, shuffle=False, verbose=0, validation_data=(xv, yv)).history
@@ -71,7 +71,7 @@ def test_minibatch_epoch_average_weights_steps_by_batch_size(float64, route):
         steps = recorder.params_at_step[3 * epoch: 3 * epoch + 3]
         batches = [(x[i:i + 10], y[i:i + 10]) for i in (0, 10, 20)]
         penalties = np.array([_penalty(p, LAMBDA, 25, (True, True)) for p in steps])
-        losses = np.array([_cce(p, bx, by) for p, (bx, by) in zip(steps, batches)])
+        losses = np.array([_cce(p, bx, by) for p, (bx, by) in zip(steps, batches, strict=True)])
         np.testing.assert_allclose(history["l2_penalty"][epoch], (sizes * penalties).sum() / 25, rtol=RTOL)
         np.testing.assert_allclose(history["data_loss"][epoch], (sizes * losses).sum() / 25, rtol=RTOL)
         if route in ("regularizer", "loss"):
