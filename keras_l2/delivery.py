@@ -42,6 +42,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -108,11 +109,11 @@ class Outbox:
         self._busy = False
         self._closed = False
         self._spooled = False
+        self._reported = 0  # how many undelivered records the user was last told about
         self._outage: str | None = None  # the error, while the store is unreachable
         self._backend = None
         self.delivered = 0
-        self._thread = threading.Thread(target=self._work, name="keras_l2-mlflow-outbox", daemon=True)
-        self._thread.start()
+        self._thread = None  # runs only while there is something to deliver
         _LIVE.add(self)
 
     # ----------------------------------------------------------- training side
@@ -177,6 +178,7 @@ class Outbox:
             if not self._ops:
                 return True
             self._write_spool()
+            self._reported = len(self._ops)
             LOG.warning(
                 "keras_l2: %d MLflow record(s) for %s could not be delivered within %.1f s (%s). "
                 "They are saved in %s and will be sent when the store is reachable again: by this "
@@ -188,7 +190,7 @@ class Outbox:
             return False
 
     def close(self, timeout: float = 0.0) -> bool:
-        """Flushes for up to `timeout` s, saves what is left, stops the thread."""
+        """Flushes for up to `timeout` s, saves what is left, stops delivering."""
         delivered = self.flush(timeout)
         with self._cond:
             self._closed = True
@@ -210,7 +212,7 @@ class Outbox:
             except OSError:
                 continue
             header, ops = _read_spool(claimed)
-            if header.get("tracking_uri") != self.store.tracking_uri:
+            if header.get("tracking_uri") != self.store.tracking_uri or _still_sending(header, path):
                 claimed.rename(path)
                 continue
             with self._cond:
@@ -218,7 +220,7 @@ class Outbox:
                 self._ops.extend(ops)
                 adopted += len(ops)
                 self._write_spool()
-                self._cond.notify_all()
+                self._wake()
             claimed.unlink()
         return adopted
 
@@ -231,7 +233,7 @@ class Outbox:
                 self._spooled = False
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        header = {"version": 1, "tracking_uri": self.store.tracking_uri,
+        header = {"version": 1, "pid": os.getpid(), "tracking_uri": self.store.tracking_uri,
                   "artifact_location": self.store.artifact_location, "runs": self._runs}
         temporary = self.spool_path.with_suffix(".tmp")
         with open(temporary, "w") as handle:
@@ -251,16 +253,23 @@ class Outbox:
             self._ops.append(op)
             if self._spooled:
                 self._write_spool()
-            self._cond.notify_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Starts the delivery thread if it is not running (caller holds the lock)."""
+        if self._thread is None and self._ops and not self._closed:
+            self._thread = threading.Thread(target=self._work, name="keras_l2-mlflow-outbox", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._ops and not self._closed:
-                    self._cond.wait()
-                if self._closed:
+                if not self._ops or self._closed:
+                    self._thread = None
+                    self._cond.notify_all()
                     return
-                batch = _coalesce(self._ops)
+                batch, count = _coalesce(self._ops)
                 self._busy = True
             try:
                 self._deliver(batch)
@@ -270,12 +279,12 @@ class Outbox:
             with self._cond:
                 self._busy = False
                 if error is None or not _transient(error):
-                    for _ in range(batch["count"]):
+                    for _ in range(count):
                         self._ops.popleft()
                     if error is not None:
                         self._reject(batch, error)
                     else:
-                        self.delivered += batch["count"]
+                        self.delivered += count
                         if self._outage is not None:
                             LOG.warning("keras_l2: MLflow store %s is reachable again; delivering the "
                                         "buffered records.", self.store.tracking_uri)
@@ -354,20 +363,22 @@ class _Unknown(Exception):
     """A record that refers to a run this outbox never saw created."""
 
 
-def _coalesce(ops) -> dict:
-    """The head record, merged with following metric records of the same run."""
-    head = dict(ops[0], count=1)
-    if head["op"] != "log" or set(head) - {"op", "key", "metrics", "count"}:
-        return head
-    metrics = list(head["metrics"])
-    for op in list(ops)[1:]:
+def _coalesce(ops) -> tuple[dict, int]:
+    """The head record (itself, not a copy), merged with following metric records of its run.
+
+    Returns the record to deliver and how many queued records it stands for.
+    """
+    head = ops[0]
+    if head["op"] != "log" or set(head) != {"op", "key", "metrics"}:
+        return head, 1
+    metrics, count = list(head["metrics"]), 1
+    for op in itertools.islice(ops, 1, None):
         if (op["op"] != "log" or op["key"] != head["key"] or set(op) != {"op", "key", "metrics"}
                 or len(metrics) + len(op["metrics"]) > _MAX_METRICS):
             break
         metrics.extend(op["metrics"])
-        head["count"] += 1
-    head["metrics"] = metrics
-    return head
+        count += 1
+    return dict(head, metrics=metrics), count
 
 
 def _transient(error: Exception) -> bool:
@@ -379,7 +390,7 @@ def _transient(error: Exception) -> bool:
 
 def _short(error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
-    return text if len(text) < 300 else text[:300] + "..."
+    return text if len(text) < 200 else text[:200] + "..."
 
 
 def _store_backend(store: TrackingStore, request_timeout: float):
@@ -421,6 +432,20 @@ def _bounded_rest_store(uri: str, request_timeout: float):
     return BoundedRestStore(lambda: get_default_host_creds(uri))
 
 
+def _still_sending(header: dict, path: Path) -> bool:
+    """Whether the outbox that wrote a spool file is alive and still delivering it."""
+    pid = header.get("pid")
+    if pid == os.getpid():
+        return any(o.spool_path == path and o._ops and not o._closed for o in list(_LIVE))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError):
+        return pid is not None
+    return True
+
+
 def _read_spool(path: Path) -> tuple[dict, list]:
     lines = path.read_text().splitlines()
     header = json.loads(lines[0]) if lines else {}
@@ -451,5 +476,7 @@ def _save_undelivered() -> None:
         with outbox._cond:
             if outbox._ops:
                 outbox._write_spool()
-                LOG.warning("keras_l2: %d undelivered MLflow record(s) saved in %s.",
-                            len(outbox._ops), outbox.spool_path)
+                if len(outbox._ops) != outbox._reported:
+                    LOG.warning("keras_l2: %d undelivered MLflow record(s) for %s saved in %s; "
+                                "`keras_l2.send_pending()` sends them.", len(outbox._ops),
+                                outbox.store.tracking_uri, outbox.spool_path)

@@ -170,6 +170,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._l2_model = None
         self._in_fit = False
         self._reported_error = False
+        import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
 
     # ------------------------------------------------------------------ public
     @property
