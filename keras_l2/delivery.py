@@ -45,6 +45,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -88,6 +89,10 @@ class Outbox:
             under the working directory.
         request_timeout: seconds one request to a tracking server may take.
         retry_interval: seconds between delivery attempts during an outage.
+        min_interval: seconds between two deliveries of metrics, so that
+            records logged often go out together (one store call, and less
+            time the delivery thread holds Python's GIL while training runs).
+            `flush` delivers at once.
     """
 
     def __init__(
@@ -96,11 +101,16 @@ class Outbox:
         spool_dir: str | os.PathLike | None = None,
         request_timeout: float = 5.0,
         retry_interval: float = 2.0,
+        min_interval: float = 1.0,
     ):
         self.store = store
         self.spool_dir = Path(spool_dir) if spool_dir is not None else SPOOL_DIR.resolve()
         self.request_timeout = float(request_timeout)
         self.retry_interval = float(retry_interval)
+        self.min_interval = float(min_interval)
+        self._last_delivery = -math.inf
+        self._retry_at = -math.inf
+        self._flushing = 0
         self.spool_path = self.spool_dir / f"{uuid.uuid4().hex}.jsonl"
         self._ops: collections.deque = collections.deque()
         self._runs: dict[str, str] = {}  # run key -> run id
@@ -173,8 +183,13 @@ class Outbox:
         """
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
-            while (self._ops or self._busy) and time.monotonic() < deadline:
-                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            self._flushing += 1
+            self._wake()
+            try:
+                while (self._ops or self._busy) and time.monotonic() < deadline:
+                    self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            finally:
+                self._flushing -= 1
             if not self._ops:
                 return True
             self._write_spool()
@@ -269,6 +284,13 @@ class Outbox:
                     self._thread = None
                     self._cond.notify_all()
                     return
+                now = time.monotonic()
+                paced = self._ops[0]["op"] == "log" and not self._flushing
+                not_before = max(self._retry_at, self._last_delivery + self.min_interval if paced else -math.inf)
+                if now < not_before:
+                    # Let records gather (flush() wakes us), or wait out an outage.
+                    self._cond.wait(not_before - now)
+                    continue
                 batch, count = _coalesce(self._ops)
                 self._busy = True
             try:
@@ -278,6 +300,7 @@ class Outbox:
                 error = caught
             with self._cond:
                 self._busy = False
+                self._last_delivery = time.monotonic()
                 if error is None or not _transient(error):
                     for _ in range(count):
                         self._ops.popleft()
@@ -301,8 +324,8 @@ class Outbox:
                         self.store.tracking_uri, _short(error), self.retry_interval, self.spool_dir,
                     )
                 self._outage = _short(error)
+                self._retry_at = time.monotonic() + self.retry_interval
                 self._cond.notify_all()
-                self._cond.wait(self.retry_interval)
 
     def _reject(self, batch, error) -> None:
         if batch["op"] == "log" and batch.get("params"):

@@ -51,10 +51,38 @@ DATA_LOSS = "data_loss"
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class L2LossMeans(keras.metrics.Metric):
+    """Batch-size-weighted means of the penalty and the data loss, in one state.
+
+    The arithmetic of Keras' `Mean` (which tracks `loss`): `total += value *
+    weight`, `count += weight`, `result = total / count`, for two values at
+    once, so a step pays one update of two variables, not two metrics' four.
+    `result()` is a dict, which Keras reports as two logs.
+    """
+
+    def __init__(self, name="keras_l2_means", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.total = self.add_variable(shape=(2,), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, penalty, data_loss, weight):
+        weight = ops.cast(weight, self.dtype)
+        values = ops.stack([ops.cast(penalty, self.dtype), ops.cast(data_loss, self.dtype)])
+        self.total.assign(ops.add(self.total, ops.multiply(values, weight)))
+        self.count.assign(ops.add(self.count, weight))
+
+    def result(self):
+        means = ops.divide_no_nan(self.total, self.count)
+        return {PENALTY: means[0], DATA_LOSS: means[1]}
+
+    def reset_state(self):
+        self.total.assign(ops.zeros((2,), dtype=self.dtype))
+        self.count.assign(ops.zeros((), dtype=self.dtype))
+
+
 class _Hook:
     def __init__(self, model):
-        self.penalty = keras.metrics.Mean(name=PENALTY)
-        self.data_loss = keras.metrics.Mean(name=DATA_LOSS)
+        self.means = L2LossMeans()
         self.compute_loss = model.compute_loss  # the bound method we wrap
         self.had_own_compute_loss = "compute_loss" in model.__dict__
 
@@ -90,7 +118,7 @@ def attach_l2_metrics(model) -> None:
     # the private `_metrics` list is what `Model.metrics` reports (and Keras'
     # saver skips), so the metrics are reset, synced and logged like Keras' own.
     model.compute_loss = compute_loss
-    model._metrics.extend([hook.penalty, hook.data_loss])
+    model._metrics.append(hook.means)
     _HOOKS[model] = hook
     retrace(model)
 
@@ -108,7 +136,7 @@ def detach_l2_metrics(model) -> None:
     hook = _HOOKS.pop(model, None)
     if hook is None:
         return
-    model._metrics[:] = [m for m in model._metrics if m is not hook.penalty and m is not hook.data_loss]
+    model._metrics[:] = [m for m in model._metrics if m is not hook.means]
     if hook.had_own_compute_loss:
         model.compute_loss = hook.compute_loss
     else:
@@ -156,5 +184,4 @@ def _update(model, hook, x, loss):
     data = full_loss if in_loss is None else ops.subtract(full_loss, in_loss)
     first = next(v for v in keras.tree.flatten(x) if v is not None)
     batch = ops.shape(first)[0]
-    hook.penalty.update_state(total, sample_weight=batch)
-    hook.data_loss.update_state(data, sample_weight=batch)
+    hook.means.update_state(total, data, batch)

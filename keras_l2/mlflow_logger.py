@@ -170,6 +170,10 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._l2_model = None
         self._in_fit = False
         self._reported_error = False
+        if log_every_n_steps is not None:
+            # Only then: a callback with its own `on_train_batch_end` stops Keras
+            # from dispatching batch-end callbacks asynchronously.
+            self.on_train_batch_end = self._on_step_end
         import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
 
     # ------------------------------------------------------------------ public
@@ -224,7 +228,6 @@ class MlflowL2Logger(keras.callbacks.Callback):
             attach_l2_metrics(model)
         self._in_fit = True
         self._global_step = self._last_step_logged = self._epoch_start_step = 0
-        self._epoch_lambda = None
         try:
             self._describe(model)  # bad set-ups are refused here, before the first step
         except Exception:
@@ -264,39 +267,34 @@ class MlflowL2Logger(keras.callbacks.Callback):
             self._outbox.log(self._run, params=self._params(model))
         self._outbox.log(self._run, tags={f"l2.regularized/{key}": str(flag).lower()
                                           for key, flag in zip(self._norm_keys, self._regularized, strict=True)})
-        values = self._to_host({}, self._kernels)
+        values = self._values({})
         values["lambda"] = self._current_lambda(model)
         self._outbox.log(self._run, metrics=values, step=0)
         if self.verbose:
             print(f"MlflowL2Logger: logging to {self.store.tracking_uri} (experiment "
                   f"{self.experiment_name!r}, route {self._route}).")
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if self._epoch_lambda is None:
-            # After every on_epoch_begin (a LambdaScheduler's included): the
-            # lambda this epoch's steps use.
-            self._epoch_lambda = self._current_lambda(self._l2_model)
-
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_lambda = None
         self._epoch_start_step = self._global_step
 
     @_never_raises
-    def on_train_batch_end(self, batch, logs=None):
+    def _on_step_end(self, batch, logs=None):
         self._global_step = self._epoch_start_step + batch + 1
         k = self.log_every_n_steps
         if k is None or self._global_step // k == self._last_step_logged // k:
             return
         self._last_step_logged = self._global_step
-        values = self._to_host(logs or {}, self._kernels, _live_values(self._l2_model, self._kernels))
-        values["lambda"] = self._epoch_lambda
+        values = self._values(logs or {}, _live_values(self._l2_model, self._kernels))
+        values["lambda"] = self._current_lambda(self._l2_model)
         self._outbox.log(self._run, metrics={STEP_PREFIX + k: v for k, v in values.items()}, step=self._global_step)
 
     @_never_raises
     def on_epoch_end(self, epoch, logs=None):
-        values = self._to_host(logs or {}, self._kernels)
-        lam = self._epoch_lambda if self._epoch_lambda is not None else self._current_lambda(self._l2_model)
-        values["lambda"] = lam
+        values = self._values(logs or {})
+        # Schedules (LambdaScheduler) set lambda when an epoch begins, so at its
+        # end lambda is still the one its steps used. No per-batch hook: Keras
+        # runs callbacks without one asynchronously.
+        values["lambda"] = self._current_lambda(self._l2_model)
         self._outbox.log(self._run, metrics=values, step=epoch + 1)
 
     def on_train_end(self, logs=None):
@@ -327,6 +325,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         chosen = {id(k) for kernels, *_ in terms for k in kernels}
         dense = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dense) and layer.built]
         self._kernels = [layer.kernel for layer in dense]
+        self._norms = _NormReader(self._kernels)
         self._norm_keys = unique_keys(layer.name for layer in dense)
         self._regularized = [id(k) in chosen for k in self._kernels]
         names = routes.names
@@ -369,27 +368,57 @@ class MlflowL2Logger(keras.callbacks.Callback):
         value = l2_routes(model).l2
         return 0.0 if value is None else float(value)
 
-    def _to_host(self, logs: dict, kernels, values=None) -> dict:
-        """Keras logs and kernel norms as Python floats, in one device-to-host copy."""
-        names, tensors, result = [], [], {}
+    def _values(self, logs: dict, kernel_values=None) -> dict:
+        """Keras logs, kernel norms and the derived `regularized_loss`, as Python floats."""
+        result = {}
         for name, value in logs.items():
+            # Keras hands callbacks Python floats already; anything else must be a scalar.
             if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
                 result[name] = float(value)
             elif hasattr(value, "shape") and int(np.prod(value.shape)) == 1:
-                names.append(name)
-                tensors.append(ops.reshape(value, ()))
-        norms = l2_math.kernel_norms(values if values is not None else kernels)
-        names += [NORM_PREFIX + key for key in self._norm_keys]
-        tensors += norms
-        if tensors:
-            wide = any(keras.backend.standardize_dtype(t.dtype) == "float64" for t in tensors)
-            dtype = "float64" if wide else "float32"
-            host = ops.convert_to_numpy(ops.stack([ops.cast(t, dtype) for t in tensors]))
-            result.update({name: float(v) for name, v in zip(names, host, strict=True)})
+                result[name] = float(np.asarray(ops.convert_to_numpy(value)).reshape(()))
         for prefix in ("", "val_"):
             if prefix + DATA_LOSS in result and prefix + PENALTY in result:
                 result[prefix + "regularized_loss"] = result[prefix + DATA_LOSS] + result[prefix + PENALTY]
-        return {sanitize(k): v for k, v in result.items()}
+        result = {sanitize(k): v for k, v in result.items()}
+        norms = self._norms(kernel_values)
+        result.update({NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, norms, strict=True)})
+        return result
+
+
+class _NormReader:
+    """`[||W||_F for W in kernels]` in one compiled call and one device-to-host copy.
+
+    Dispatching the dozen eager ops per log would cost more than computing them.
+    """
+
+    def __init__(self, kernels):
+        self.kernels = list(kernels)
+        backend = keras.backend.backend()
+        if not self.kernels:
+            self._fn = None
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            # Captured, not passed: TensorFlow reads the live variables.
+            self._fn = tf.function(lambda: ops.stack(l2_math.kernel_norms(self.kernels)))
+            self._takes_values = False
+        else:
+            fn = lambda values: ops.stack(l2_math.kernel_norms(values))  # noqa: E731
+            if backend == "jax":
+                import jax
+
+                fn = jax.jit(fn)
+            self._fn = fn
+            self._takes_values = True
+
+    def __call__(self, values=None) -> np.ndarray:
+        if self._fn is None:
+            return np.zeros((0,))
+        if not self._takes_values:
+            return np.asarray(ops.convert_to_numpy(self._fn()))
+        values = values if values is not None else [k.value for k in self.kernels]
+        return np.asarray(ops.convert_to_numpy(self._fn(list(values))))
 
 
 def _live_values(model, kernels):

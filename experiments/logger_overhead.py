@@ -1,0 +1,151 @@
+"""What MlflowL2Logger costs a training run, against the same training without it.
+
+Each round trains every variant (no logger, logging per epoch, logging every
+10 steps) for a few epochs, interleaved, on a real SQLite store in a temporary
+directory. The time of an epoch is measured from one epoch end to the next, so
+it includes the logger's epoch-end work, its in-graph metrics and the
+background delivery thread, and excludes the first epoch (tracing, which the
+logger's metrics make Keras redo once per fit). The table reports medians
+over rounds of each variant's ratio to no logger in the same round, for wall
+time and for the process's CPU time (all threads: the delivery thread's
+store writes show there even when a spare core hides them from the wall
+clock), and the time `on_train_end` waits for the last records to reach the
+store. "no logger (A/A)" is the baseline timed twice: its distance from 1.000
+is the measurement noise of the run.
+
+    python experiments/logger_overhead.py            # digits MLP and 784-1024-1024-10
+    python experiments/logger_overhead.py --quick    # fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import keras_l2
+
+MODELS = {
+    # name: (layer widths, batch size, examples, epochs per fit)
+    "digits": ((64, 256, 256, 10), 32, 1797, 6),
+    "784-1024-1024-10": ((784, 1024, 1024, 10), 256, 3072, 4),
+}
+VARIANTS = {"no logger": None, "no logger (A/A)": None, "per epoch": 0, "every 10 steps": 10}
+
+
+class EpochClock(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ends.append((time.perf_counter(), time.process_time()))
+
+
+class TimedLogger(keras_l2.MlflowL2Logger):
+    def on_train_end(self, logs=None):
+        start = time.perf_counter()
+        super().on_train_end(logs)
+        self.end_seconds = time.perf_counter() - start
+
+
+def data(name: str):
+    sizes, _, examples, _ = MODELS[name]
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.data / 16.0).astype("float32")
+        return x, np.eye(10, dtype="float32")[digits.target]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(examples, sizes[0])).astype("float32")
+    return x, np.eye(sizes[-1], dtype="float32")[rng.integers(0, sizes[-1], examples)]
+
+
+def build(sizes, route: str, n: int):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((sizes[0],))]
+    layers += [keras.layers.Dense(width, activation="relu") for width in sizes[1:-1]]
+    layers.append(keras.layers.Dense(sizes[-1], activation="softmax"))
+    model = keras.Sequential(layers)
+    chosen = keras_l2.select_layers(model)
+    optimizer, loss = keras.optimizers.Adam(1e-3), "categorical_crossentropy"
+    if route == "regularizer":
+        keras_l2.regularize(model, l2=1e-3, n=n, layers=chosen)
+    elif route == "loss":
+        loss = keras_l2.L2CategoricalCrossentropy(l2=1e-3, n=n, layers=chosen)
+    else:
+        optimizer = keras_l2.L2DecayOptimizer(optimizer, l2=1e-3, n=n, layers=chosen, mode=route)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    return model
+
+
+def fit(model, x, y, batch, epochs, every, store_uri):
+    clock = EpochClock()
+    callbacks = []
+    logger = None
+    if every is not None:
+        logger = TimedLogger(tracking_uri=store_uri, log_every_n_steps=every or None, verbose=0)
+        callbacks.append(logger)
+    model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[*callbacks, clock])
+    wall, cpu = np.median(np.diff(np.array(clock.ends), axis=0), axis=0)
+    return wall, cpu, (logger.end_seconds if logger else 0.0)
+
+
+def run(name: str, route: str, rounds: int, store_uri: str):
+    sizes, batch, _, epochs = MODELS[name]
+    x, y = data(name)
+    models = {v: build(sizes, route, len(x)) for v in VARIANTS}
+    for variant, every in VARIANTS.items():  # warm-up: trace, create the store
+        fit(models[variant], x[: 2 * batch], y[: 2 * batch], batch, 2, every, store_uri)
+    rows = {v: [] for v in VARIANTS}  # per round: (wall s, wall ratio, cpu ratio, train-end wait s)
+    for r in range(rounds):
+        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        timed = {v: fit(models[v], x, y, batch, epochs, VARIANTS[v], store_uri) for v in order}
+        wall0, cpu0, _ = timed["no logger"]
+        for variant, (wall, cpu, end) in timed.items():
+            rows[variant].append((wall, wall / wall0, cpu / cpu0, end))
+    steps = -(-len(x) // batch)
+    return {v: (*(statistics.median(column) for column in zip(*rows[v], strict=True)), steps) for v in VARIANTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--route", default="regularizer", choices=["regularizer", "loss", "coupled", "decoupled"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="TensorFlow CPU threads (0: TensorFlow's default); see benchmark.py")
+    args = parser.parse_args()
+    names = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if args.threads and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    rounds = args.rounds or (3 if args.quick else 9)
+    print(f"backend={keras.backend.backend()} route={args.route} rounds={rounds} "
+          f"threads={args.threads or 'default'} store=SQLite (temporary)")
+    print(f"{'model':<18}{'logging':<17}{'steps/epoch':>12}{'ms/epoch':>10}{'wall ratio':>11}{'cpu ratio':>10}"
+          f"{'train-end wait ms':>19}")
+    with tempfile.TemporaryDirectory() as root:
+        store_uri = f"sqlite:///{Path(root) / 'mlflow.db'}"
+        for name in names:
+            for variant, (wall, ratio, cpu, end, steps) in run(name, args.route, rounds, store_uri).items():
+                print(f"{name:<18}{variant:<17}{steps:>12}{wall * 1e3:>10.1f}{ratio:>11.3f}{cpu:>10.3f}"
+                      f"{end * 1e3:>19.1f}")
+
+
+if __name__ == "__main__":
+    main()
