@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-tensorflow test-jax test-torch sweep lint clean
+.PHONY: setup test test-tensorflow test-jax test-torch sweep ui lint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ lint: setup
 
 sweep: setup
 	@echo "make sweep: not yet available (the lambda sweep lands with the experiments issue)."
+
+# The MLflow UI over the embedded store (mlruns/), on this machine only.
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+ui: setup
+	@mkdir -p mlruns/artifacts
+	@echo "MLflow UI for $(CURDIR)/mlruns at http://$(UI_HOST):$(UI_PORT) (Ctrl-C stops it)"
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlruns/mlflow.db" \
+		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host $(UI_HOST) --port $(UI_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

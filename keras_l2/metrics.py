@@ -34,22 +34,17 @@ Example:
 
 from __future__ import annotations
 
-import weakref
+import collections
 
 import keras
 from keras import ops
 
 from keras_l2 import l2_math
 from keras_l2._distribution import all_replicas
-from keras_l2._retrace import retrace
+from keras_l2._retrace import forget_jax_traces
 
 PENALTY = "l2_penalty"
 DATA_LOSS = "data_loss"
-
-# model -> _Hook. Weak keys: the hook must not keep a model alive, and nothing
-# is stored on the model itself that Keras' saver would walk.
-_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 class L2LossMeans(keras.metrics.Metric):
     """Batch-size-weighted means of the penalty and the data loss, in one state.
@@ -87,16 +82,44 @@ class _Hook:
         self.had_own_compute_loss = "compute_loss" in model.__dict__
 
 
+class _State:
+    """What keras_l2 keeps on a model: the hook, and traced step functions.
+
+    A plain object on purpose: Keras' saver walks a model's attributes and
+    skips what is neither saveable nor a container.
+    """
+
+    def __init__(self):
+        self.hook = None
+        self.functions: collections.OrderedDict = collections.OrderedDict()
+
+
+_STATE = "_keras_l2_metrics_state"
+_STEP_FUNCTIONS = ("train_function", "test_function")
+_CACHED_FUNCTIONS = 4
+
+
+def _state(model) -> _State:
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        state = _State()
+        object.__setattr__(model, _STATE, state)
+    return state
+
+
 def attach_l2_metrics(model) -> None:
     """Adds `l2_penalty` and `data_loss` to `model`'s metrics (idempotent).
 
     Call before `fit`/`evaluate` (the `MlflowL2Logger` does it when training
-    starts). The compiled step functions are rebuilt once so that they update
-    the new metrics. Undo with `detach_l2_metrics`.
+    starts). The compiled step functions must then update the new metrics:
+    TensorFlow traces them once more, and keeps both versions, so attaching
+    and detaching again (one logger per `fit`) does not retrace every time.
+    Undo with `detach_l2_metrics`.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a `keras.Model`. Received: model={model!r} of type {type(model).__name__}")
-    if model in _HOOKS:
+    state = _state(model)
+    if state.hook is not None:
         return
     clashes = sorted(set(_metric_names(model)) & {PENALTY, DATA_LOSS})
     if clashes:
@@ -119,8 +142,8 @@ def attach_l2_metrics(model) -> None:
     # saver skips), so the metrics are reset, synced and logged like Keras' own.
     model.compute_loss = compute_loss
     model._metrics.append(hook.means)
-    _HOOKS[model] = hook
-    retrace(model)
+    state.hook = hook
+    _switch_step_functions(model, state, attached=True)
 
 
 def _metric_names(model):
@@ -133,20 +156,57 @@ def _metric_names(model):
 
 def detach_l2_metrics(model) -> None:
     """Removes what `attach_l2_metrics` added (a no-op if nothing is attached)."""
-    hook = _HOOKS.pop(model, None)
-    if hook is None:
+    state = model.__dict__.get(_STATE)
+    if state is None or state.hook is None:
         return
+    hook, state.hook = state.hook, None
     model._metrics[:] = [m for m in model._metrics if m is not hook.means]
     if hook.had_own_compute_loss:
         model.compute_loss = hook.compute_loss
     else:
         del model.compute_loss
-    retrace(model)
+    _switch_step_functions(model, state, attached=False)
 
 
 def l2_metrics_attached(model) -> bool:
     """Whether `attach_l2_metrics(model)` is in effect."""
-    return model in _HOOKS
+    state = model.__dict__.get(_STATE)
+    return state is not None and state.hook is not None
+
+
+def _switch_step_functions(model, state: _State, attached: bool) -> None:
+    """Puts in place step functions traced with (or without) the metrics.
+
+    On TensorFlow, the functions in use belong to the other state and are kept, keyed by
+    everything a trace bakes in that keras_l2 knows of: the compiled loss,
+    optimizer and metrics (a recompile replaces them) and each route's
+    lambda and n. A miss leaves `None`, which Keras re-creates at the next
+    `fit`/`evaluate`.
+    """
+    if keras.backend.backend() != "tensorflow":
+        # Only TensorFlow's traced functions are independent objects that can
+        # be kept and put back (see `forget_jax_traces`); torch does not trace.
+        forget_jax_traces()
+        for name in _STEP_FUNCTIONS:
+            setattr(model, name, None)
+        return
+    key = _trace_key(model)
+    current = tuple(getattr(model, name, None) for name in _STEP_FUNCTIONS)
+    if any(fn is not None for fn in current):
+        state.functions[(not attached, key)] = current
+        state.functions.move_to_end((not attached, key))
+        while len(state.functions) > _CACHED_FUNCTIONS:
+            state.functions.popitem(last=False)
+    restored = state.functions.get((attached, key), (None,) * len(_STEP_FUNCTIONS))
+    for name, fn in zip(_STEP_FUNCTIONS, restored, strict=True):
+        setattr(model, name, fn)
+
+
+def _trace_key(model) -> tuple:
+    compiled = tuple(id(getattr(model, name, None)) for name in ("optimizer", "_compile_loss", "_compile_metrics"))
+    terms = tuple((tuple(id(k) for k in kernels), l2, n) for kernels, l2, n, _ in penalty_terms(model))
+    trainable = tuple(layer.trainable for layer in model._flatten_layers())
+    return compiled, terms, trainable, getattr(model, "jit_compile", None)
 
 
 def penalty_terms(model) -> list:

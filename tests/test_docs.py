@@ -11,7 +11,8 @@ import keras_l2
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MODULES = ["keras_l2.l2_math", "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss",
-           "keras_l2.optimizer", "keras_l2.routes", "keras_l2.schedule"]
+           "keras_l2.optimizer", "keras_l2.routes", "keras_l2.schedule", "keras_l2.metrics",
+           "keras_l2.mlflow_names", "keras_l2.mlflow_logger", "keras_l2.delivery", "keras_l2.tracking_store"]
 
 
 def test_readme_example_runs():
@@ -22,6 +23,22 @@ def test_readme_example_runs():
     model = namespace["model"]
     assert keras_l2.l2_routes(model).names == ("optimizer",)
     assert keras_l2.l2_routes(model).l2 == 5e-3
+
+
+def test_readme_tracking_example_logs_to_the_embedded_store(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "MlflowL2Logger" in b)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(namespace["logger"].run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["l2.regularized/hidden"] == "true" and run.data.tags["l2.regularized/out"] == "false"
+    assert {"val_data_loss", "weight_norm/hidden", "weight_norm/out", "lambda"} <= set(run.data.metrics)
 
 
 @pytest.mark.parametrize("name", MODULES)

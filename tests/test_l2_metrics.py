@@ -119,3 +119,33 @@ def test_a_user_metric_with_the_same_name_is_refused():
     model.evaluate(*data(4), verbose=0)
     with pytest.raises(ValueError, match=r"already has metrics named \['data_loss'\]"):
         attach_l2_metrics(model)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_reattaching_reuses_traces_but_never_a_stale_lambda(float64, route):
+    x, y = data(24)
+    model = mlp()
+    w0 = weights(model)
+    compile_route(model, route, keras.optimizers.SGD(LR), LAMBDA, 24, select_layers(model))
+    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
+    plain = model.train_function
+    attach_l2_metrics(model)
+    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
+    with_metrics = model.train_function
+    detach_l2_metrics(model)
+    tensorflow = keras.backend.backend() == "tensorflow"
+    assert (model.train_function is plain) == tensorflow  # no retrace for the next fit without metrics
+    attach_l2_metrics(model)
+    assert (model.train_function is with_metrics) == tensorflow  # nor with them
+    detach_l2_metrics(model)
+    set_l2(model, 2 * LAMBDA)  # traced into the penalty routes and the metric
+    attach_l2_metrics(model)
+    assert model.train_function is not with_metrics
+    history = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
+    start = reference_gd(w0, x, y, LR, 24, [LAMBDA, LAMBDA], (True, True))
+    np.testing.assert_allclose(history["l2_penalty"][0], _penalty(start, 2 * LAMBDA, 24, (True, True)), rtol=RTOL)
+    detach_l2_metrics(model)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="categorical_crossentropy")
+    attach_l2_metrics(model)
+    assert model.train_function is None  # a recompile invalidates every kept trace
+    assert with_metrics is not None and plain is not None

@@ -200,3 +200,38 @@ def test_flush_never_waits_longer_than_asked(tmp_path, max_delay):
     started = time.perf_counter()
     _model().fit(*data(24), epochs=2, verbose=0, callbacks=[logger])
     assert time.perf_counter() - started < max_delay + 5.0
+
+
+def test_make_ui_serves_the_embedded_store(tmp_path):
+    """`make ui` starts the MLflow UI on 127.0.0.1 over mlruns/, with a run logged there."""
+    import os
+    import signal
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    store = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    ui = subprocess.Popen(["make", "-s", "ui", f"UI_PORT={port}"], cwd=root, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert ui.poll() is None, ui.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("make ui did not come up")
+        # What the UI shows is the embedded store: an experiment created there is listed.
+        name = f"ui-check-{port}"
+        mlflow.MlflowClient(store).create_experiment(name, artifact_location=(root / "mlruns" / "artifacts").as_uri())
+        listed = mlflow.MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name(name)
+        assert listed is not None
+        mlflow.MlflowClient(store).delete_experiment(listed.experiment_id)
+    finally:
+        os.killpg(ui.pid, signal.SIGKILL)
+        ui.wait(timeout=30)
