@@ -101,7 +101,7 @@ class Outbox:
         spool_dir: str | os.PathLike | None = None,
         request_timeout: float = 5.0,
         retry_interval: float = 2.0,
-        min_interval: float = 1.0,
+        min_interval: float = 2.0,
     ):
         self.store = store
         self.spool_dir = Path(spool_dir) if spool_dir is not None else SPOOL_DIR.resolve()

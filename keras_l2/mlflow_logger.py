@@ -99,6 +99,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
         experiment_name: the experiment of runs this logger starts.
         run_name: the name of a run this logger starts.
         nested: with an active run, start a child run under it (one per fit).
+        parent_run_id: start a child run under this run (one per fit), active
+            or not: what a sweep's worker processes use.
         tags: tags for the run (keys are sanitized like metric keys).
         log_every_n_steps: also log every this many optimizer steps (None: per epoch only).
         log_params: whether to log the params listed above.
@@ -128,6 +130,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         experiment_name: str = "keras_l2",
         run_name: str | None = None,
         nested: bool = False,
+        parent_run_id: str | None = None,
         tags: dict | None = None,
         log_every_n_steps: int | None = None,
         log_params: bool = True,
@@ -158,6 +161,9 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.nested = bool(nested)
+        if parent_run_id is not None and (not isinstance(parent_run_id, str) or not parent_run_id):
+            raise ValueError(f"`parent_run_id` must be a run id string. Received: parent_run_id={parent_run_id!r}")
+        self.parent_run_id = parent_run_id
         self.tags = {sanitize(k): str(v) for k, v in (tags or {}).items()}
         self.log_every_n_steps = log_every_n_steps
         self.log_params = bool(log_params)
@@ -243,7 +249,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             self._outbox.adopt_spool()
         import mlflow
 
-        active = mlflow.active_run()
+        active = None if self.parent_run_id is not None else mlflow.active_run()
         if active is not None and mlflow.get_tracking_uri() != self.store.tracking_uri:
             LOG.warning("keras_l2: the active MLflow run %s is on %s, but this logger logs to %s; it "
                         "starts a run of its own there.", active.info.run_id, mlflow.get_tracking_uri(),
@@ -259,7 +265,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
                 self.experiment_name,
                 run_name=self.run_name,
                 tags=resolve_tags(self.tags),
-                parent_run_id=None if active is None else active.info.run_id,
+                parent_run_id=self.parent_run_id if active is None else active.info.run_id,
             )
             self._owns_run = True
             _UNFINISHED.add(self)
@@ -354,6 +360,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
             params["optimizer.class"] = "(".join(type(o).__name__ for o in chain) + ")" * (len(chain) - 1)
             inner = chain[-1]
             for key, value in inner.get_config().items():
+                if key == "name":  # Keras numbers it per process (adam, adam_1, ...): noise between runs
+                    continue
                 simple = value is None or isinstance(value, (int, float, str, bool))
                 params[f"optimizer.{sanitize(key)}"] = value if simple else json.dumps(value, default=str)
         params["model.params"] = model.count_params()
