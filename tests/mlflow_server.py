@@ -21,10 +21,10 @@ def free_port() -> int:
 class MlflowServer:
     """`mlflow server` over a SQLite store, on a fixed port across restarts."""
 
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None, store: str | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
-        self.store = f"sqlite:///{self.directory / 'server.db'}"
+        self.store = store or f"sqlite:///{self.directory / 'server.db'}"
         self.uri = f"http://127.0.0.1:{self.port}"
         self._process = None
 

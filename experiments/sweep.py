@@ -1,0 +1,12 @@
+"""The main job: a lambda sweep on the digits, tracked in MLflow (see `keras-l2 sweep --help`).
+
+    python experiments/sweep.py                       # the default sweep, embedded store
+    python experiments/sweep.py --seeds 3 --workers 2
+"""
+
+import sys
+
+from keras_l2.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))
