@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import weakref
 
 import keras
@@ -68,7 +69,10 @@ class MlflowL2Logger(keras.callbacks.Callback):
       or not. Step 0 holds the initial norms and lambda;
     - with `log_every_n_steps=k`, also every k optimizer steps, at step =
       the global step, under `step/<name>`: Keras' running epoch averages,
-      `step/lambda` and `step/weight_norm/<layer>`.
+      `step/lambda` and `step/weight_norm/<layer>`. These are logged from
+      Keras' asynchronous batch-end dispatch when every callback allows it
+      (steps then never wait for the host); the norms may then be those of
+      the next step's weights.
 
     `l2_penalty` and `data_loss` are Keras metrics averaged in the compiled
     step exactly like `loss` (see `keras_l2.metrics`), so for the regularizer
@@ -176,10 +180,14 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._l2_model = None
         self._in_fit = False
         self._reported_error = False
+        self._step_lock = threading.Lock()
         if log_every_n_steps is not None:
-            # Only then: a callback with its own `on_train_batch_end` stops Keras
-            # from dispatching batch-end callbacks asynchronously.
+            # Only then: without a callback that has its own `on_train_batch_end`,
+            # Keras dispatches batch ends asynchronously. Ours is safe to run that
+            # way too (Keras' `async_safe`): it only reads the logs it is given and
+            # the weights, so steps need not wait for the host.
             self.on_train_batch_end = self._on_step_end
+            self.async_safe = True
         import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
 
     # ------------------------------------------------------------------ public
@@ -285,14 +293,18 @@ class MlflowL2Logger(keras.callbacks.Callback):
 
     @_never_raises
     def _on_step_end(self, batch, logs=None):
-        self._global_step = self._epoch_start_step + batch + 1
+        # Possibly on one of Keras' worker threads, possibly out of order.
+        step = self._epoch_start_step + batch + 1
         k = self.log_every_n_steps
-        if k is None or self._global_step // k == self._last_step_logged // k:
-            return
-        self._last_step_logged = self._global_step
+        with self._step_lock:
+            self._global_step = max(self._global_step, step)
+            if step // k == self._last_step_logged // k or step <= self._last_step_logged:
+                return
+            self._last_step_logged = step
+        # Run asynchronously, the weights read here may be a step newer than `step`.
         values = self._values(logs or {}, _live_values(self._l2_model, self._kernels))
         values["lambda"] = self._current_lambda(self._l2_model)
-        self._outbox.log(self._run, metrics={STEP_PREFIX + k: v for k, v in values.items()}, step=self._global_step)
+        self._outbox.log(self._run, metrics={STEP_PREFIX + key: v for key, v in values.items()}, step=step)
 
     @_never_raises
     def on_epoch_end(self, epoch, logs=None):
