@@ -102,7 +102,12 @@ def fit(model, x, y, batch, epochs, every, store_uri):
 def run(name: str, route: str, rounds: int, store_uri: str):
     sizes, batch, _, epochs = MODELS[name]
     x, y = data(name)
-    models = {v: build(sizes, route, len(x)) for v in VARIANTS}
+    # One model for every variant, so that the only difference is the logger
+    # (separate models drift apart in speed over rounds, as memory and
+    # denormals do). The logger's metrics attach and detach per fit; on
+    # TensorFlow both traced versions of the step are kept, so neither retraces.
+    model = build(sizes, route, len(x))
+    models = {v: model for v in VARIANTS}
     for variant, every in VARIANTS.items():  # warm-up: trace, create the store
         fit(models[variant], x[: 2 * batch], y[: 2 * batch], batch, 3, every, store_uri)
     rows = {v: [] for v in VARIANTS}  # per round: (wall s, wall ratio, cpu ratio, train-end wait s)

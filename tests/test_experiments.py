@@ -39,3 +39,29 @@ def test_store_race_reports_no_failure_through_open_store():
     assert done.returncode == 0, done.stderr[-3000:]
     trial, plain, locked = done.stdout.splitlines()[-1].split()
     assert trial == "0" and locked == "0/3" and plain.endswith("/3")
+
+
+def test_compare_routes_sgd_coincide_adam_decoupled_differs():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "compare_routes.py"), "--epochs", "3", "--hidden", "8,8"],
+        capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND="tensorflow"), timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r[0], r[1]): float(r[3]) for r in (line.split() for line in done.stdout.splitlines())
+            if len(r) == 6 and r[0] in ("sgd", "adam")}
+    assert len(rows) == 8
+    assert all(rows[("sgd", route)] < 1e-12 for route in ("loss", "coupled", "decoupled"))
+    assert rows[("adam", "loss")] == 0.0 and rows[("adam", "coupled")] == 0.0
+    assert rows[("adam", "decoupled")] > 1e-3  # the L2-vs-weight-decay gap
+
+
+def test_logger_overhead_prints_every_variant():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "logger_overhead.py"), "--rounds", "1", "--models", "digits"],
+        capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND="tensorflow"), timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("digits")]
+    assert [" ".join(line.split()[1:-5]) for line in rows] == ["no logger", "no logger (A/A)", "per epoch",
+                                                               "every 10 steps"]
+    assert float(rows[0].split()[-3]) == 1.0
