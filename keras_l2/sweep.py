@@ -49,11 +49,11 @@ class SweepConfig:
     lambdas: tuple = DEFAULT_LAMBDAS
     route: str = "regularizer"
     optimizer: str = "adam"
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     # The hidden layers only: the free output layer next to them shows what L2 changes.
     layers: str | None = "hidden_.*"  # names (comma-separated) or a regex; None: every Dense layer
     hidden: tuple = (512, 512)
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 32
     seeds: int = 1
     workers: int = 1

@@ -22,7 +22,7 @@ def short_sweep(tmp_path_factory):
     """A short sweep with fixed seeds, run once for the findings below."""
     root = tmp_path_factory.mktemp("sweep")
     config = sweep.SweepConfig(
-        lambdas=LAMBDAS, epochs=40, seeds=SEEDS, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        lambdas=LAMBDAS, epochs=40, learning_rate=3e-3, seeds=SEEDS, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
         results_dir=str(root / "results"), verbose=0,
     )
     return sweep.run_sweep(config), config, root
