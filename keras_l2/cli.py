@@ -15,8 +15,12 @@ def _sweep_parser(sub) -> None:
     from keras_l2 import sweep
 
     defaults = sweep.SweepConfig()
-    p = sub.add_parser("sweep", help="train one model per lambda and compare them in MLflow",
-                       description=sweep.__doc__.split("\n\n")[1])
+    p = sub.add_parser(
+        "sweep", help="train one model per lambda and compare them in MLflow",
+        description="Trains the same network once per lambda (and seed), every run from the same initial "
+                    "weights and data order, under one MLflow parent run with a child run per lambda; prints a "
+                    "table and the best lambda (on validation data loss) and writes plots.",
+    )
     p.add_argument("--lambdas", default=",".join(f"{v:g}" for v in defaults.lambdas),
                    help="comma-separated lambdas, each a finite float >= 0 (default: %(default)s)")
     p.add_argument("--route", default=defaults.route, help=f"one of {', '.join(sweep.ROUTES)} (default: %(default)s)")
