@@ -51,11 +51,12 @@ sweep: setup
 # The MLflow UI over the embedded store (mlruns/), on this machine only.
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
+UI_STORE ?= $(CURDIR)/mlruns
 ui: setup
-	@mkdir -p mlruns/artifacts
-	@echo "MLflow UI for $(CURDIR)/mlruns at http://$(UI_HOST):$(UI_PORT) (Ctrl-C stops it)"
-	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlruns/mlflow.db" \
-		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host $(UI_HOST) --port $(UI_PORT)
+	@mkdir -p "$(UI_STORE)/artifacts"
+	@echo "MLflow UI for $(UI_STORE) at http://$(UI_HOST):$(UI_PORT) (Ctrl-C stops it)"
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(UI_STORE)/mlflow.db" \
+		--default-artifact-root "$(UI_STORE)/artifacts" --host $(UI_HOST) --port $(UI_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

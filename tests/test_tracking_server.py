@@ -211,8 +211,9 @@ def test_make_ui_serves_the_embedded_store(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     port = free_port()
-    store = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    ui = subprocess.Popen(["make", "-s", "ui", f"UI_PORT={port}"], cwd=root, start_new_session=True,
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"  # UI_STORE: the embedded layout, not the user's
+    ui = subprocess.Popen(["make", "-s", "ui", f"UI_PORT={port}", f"UI_STORE={tmp_path / 'mlruns'}"], cwd=root,
+                          start_new_session=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -228,10 +229,8 @@ def test_make_ui_serves_the_embedded_store(tmp_path):
             raise AssertionError("make ui did not come up")
         # What the UI shows is the embedded store: an experiment created there is listed.
         name = f"ui-check-{port}"
-        mlflow.MlflowClient(store).create_experiment(name, artifact_location=(root / "mlruns" / "artifacts").as_uri())
-        listed = mlflow.MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name(name)
-        assert listed is not None
-        mlflow.MlflowClient(store).delete_experiment(listed.experiment_id)
+        mlflow.MlflowClient(store).create_experiment(name)
+        assert mlflow.MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name(name) is not None
     finally:
         os.killpg(ui.pid, signal.SIGKILL)
         ui.wait(timeout=30)
