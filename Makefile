@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 # numerical tests (marker `core`) on JAX (x64) and PyTorch.
 test: setup lint test-tensorflow test-jax test-torch test-ui
 
+# Two pytest workers, one per core (tests are short and mostly single-threaded); a test
+# file stays on one worker, so module fixtures (the short sweep) run once.
+PYTEST_WORKERS ?= 2
+
 test-tensorflow: setup
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -m "not ui"
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not ui"
 
 # The MLflow UI checked in headless Chromium (Debian's package, installed here if missing).
 test-ui: setup chromium
@@ -34,10 +38,10 @@ chromium:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test-jax: setup
-	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PY) -m pytest -m core
+	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m core
 
 test-torch: setup
-	KERAS_BACKEND=torch $(PY) -m pytest -m core
+	KERAS_BACKEND=torch $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m core
 
 lint: setup
 	$(PY) -m ruff check keras_l2 tests experiments
