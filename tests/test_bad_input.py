@@ -83,7 +83,9 @@ def test_unknown_mode():
         L2DecayOptimizer(keras.optimizers.SGD(), layers=select_layers(mlp()), mode="decoupeld")
 
 
-@pytest.mark.parametrize("thing", ["adam", keras.losses.MeanSquaredError(), None, object()], ids=str)
+# Explicit ids: objects' default ids hold addresses, which differ between pytest-xdist workers.
+@pytest.mark.parametrize("thing", ["adam", keras.losses.MeanSquaredError(), None, object()],
+                         ids=["string", "a_loss", "None", "object"])
 def test_wrapping_something_that_is_not_an_optimizer(thing):
     with pytest.raises(TypeError, match="must be a `keras.optimizers.Optimizer` instance") as info:
         L2DecayOptimizer(thing, layers=select_layers(mlp()))
