@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 import keras_l2
+from keras_l2.sweep import ROUTES, apply_route
 
 VARIANTS = ("none", "keras_L2", "keras_weight_decay", "regularizer", "loss", "coupled", "decoupled")
 L2 = 1e-4
@@ -40,12 +41,8 @@ def build(variant: str, sizes: tuple[int, ...], jit: bool, n: int):
     if variant == "keras_weight_decay":
         optimizer = keras.optimizers.SGD(0.01, weight_decay=2 * L2 / n)
         optimizer.exclude_from_weight_decay(var_names=["bias"])
-    elif variant == "regularizer":
-        keras_l2.regularize(model, l2=L2, n=n, layers=chosen)
-    elif variant == "loss":
-        loss = keras_l2.L2CategoricalCrossentropy(l2=L2, n=n, layers=chosen)
-    elif variant in ("coupled", "decoupled"):
-        optimizer = keras_l2.L2DecayOptimizer(optimizer, l2=L2, n=n, layers=chosen, mode=variant)
+    elif variant in ROUTES:
+        optimizer, loss = apply_route(model, variant, optimizer, L2, n, chosen)
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
     return model
 

@@ -30,16 +30,8 @@ ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 
 def train(route: str, optimizer: str, l2: float, epochs: int, data: sweep.SweepData, hidden: tuple, lr: float):
     model = sweep.build_model(data.x_train.shape[1], data.classes, hidden, seed=0)
-    chosen = keras_l2.select_layers(model)
-    n = len(data.x_train)
     opt = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](lr)
-    loss = "categorical_crossentropy"
-    if route == "regularizer":
-        keras_l2.regularize(model, l2=l2, n=n, layers=chosen)
-    elif route == "loss":
-        loss = keras_l2.L2CategoricalCrossentropy(l2=l2, n=n, layers=chosen)
-    else:
-        opt = keras_l2.L2DecayOptimizer(opt, l2=l2, n=n, layers=chosen, mode=route)
+    opt, loss = sweep.apply_route(model, route, opt, l2, len(data.x_train), keras_l2.select_layers(model))
     model.compile(optimizer=opt, loss=loss)
     keras_l2.attach_l2_metrics(model)
     history = model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val), batch_size=32,

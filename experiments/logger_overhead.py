@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 import keras_l2
+from keras_l2.sweep import apply_route
 
 MODELS = {
     # name: (layer widths, batch size, examples, epochs per fit)
@@ -75,14 +76,7 @@ def build(sizes, route: str, n: int):
     layers += [keras.layers.Dense(width, activation="relu") for width in sizes[1:-1]]
     layers.append(keras.layers.Dense(sizes[-1], activation="softmax"))
     model = keras.Sequential(layers)
-    chosen = keras_l2.select_layers(model)
-    optimizer, loss = keras.optimizers.Adam(1e-3), "categorical_crossentropy"
-    if route == "regularizer":
-        keras_l2.regularize(model, l2=1e-3, n=n, layers=chosen)
-    elif route == "loss":
-        loss = keras_l2.L2CategoricalCrossentropy(l2=1e-3, n=n, layers=chosen)
-    else:
-        optimizer = keras_l2.L2DecayOptimizer(optimizer, l2=1e-3, n=n, layers=chosen, mode=route)
+    optimizer, loss = apply_route(model, route, keras.optimizers.Adam(1e-3), 1e-3, n, keras_l2.select_layers(model))
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     return model
 

@@ -310,8 +310,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         values = self._values(logs or {})
         # Schedules (LambdaScheduler) set lambda when an epoch begins, so at its
-        # end lambda is still the one its steps used. No per-batch hook: Keras
-        # runs callbacks without one asynchronously.
+        # end lambda is still the one its steps used.
         values["lambda"] = self._current_lambda(self._l2_model)
         self._outbox.log(self._run, metrics=values, step=epoch + 1)
 
@@ -343,7 +342,9 @@ class MlflowL2Logger(keras.callbacks.Callback):
         chosen = {id(k) for kernels, *_ in terms for k in kernels}
         dense = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dense) and layer.built]
         self._kernels = [layer.kernel for layer in dense]
-        self._norms = _NormReader(self._kernels)
+        reader = getattr(self, "_norms", None)
+        if reader is None or [id(k) for k in reader.kernels] != [id(k) for k in self._kernels]:
+            self._norms = _NormReader(self._kernels)  # compiled once per set of kernels, not per fit
         self._norm_keys = unique_keys(layer.name for layer in dense)
         self._regularized = [id(k) in chosen for k in self._kernels]
         names = routes.names

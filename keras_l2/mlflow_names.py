@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 
@@ -24,6 +25,7 @@ MAX_KEY_LENGTH = 250
 _FORBIDDEN = re.compile(r"[^\w\-. /]", flags=re.ASCII)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few keys, at every logging step
 def sanitize(key: str) -> str:
     """Returns `key` with every character MLflow forbids replaced by `_`."""
     text = _FORBIDDEN.sub("_", str(key))

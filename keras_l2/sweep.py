@@ -20,9 +20,15 @@ import re
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from keras_l2._checks import check_l2
+from keras_l2.loss import L2CategoricalCrossentropy
+from keras_l2.mlflow_logger import MlflowL2Logger
+from keras_l2.optimizer import L2DecayOptimizer
+from keras_l2.regularizer import regularize
+from keras_l2.selection import select_layers
 
 ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -187,8 +193,6 @@ def check_config(config: SweepConfig) -> SweepConfig:
 
 def choose_layers(model, spec: str | None) -> list:
     """The Dense layers named in `spec` (comma-separated names, or a regex); all by default."""
-    from keras_l2.selection import select_layers
-
     dense = [layer.name for layer in select_layers(model)]
     if spec is None or spec.strip() == "":
         return select_layers(model)
@@ -208,8 +212,6 @@ def choose_layers(model, spec: str | None) -> list:
 
 # -------------------------------------------------------------- training
 def build_model(inputs: int, classes: int, hidden: tuple, seed: int):
-    import keras
-
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((inputs,))]
     layers += [keras.layers.Dense(width, activation="relu", name=f"hidden_{i + 1}") for i, width in enumerate(hidden)]
@@ -217,9 +219,21 @@ def build_model(inputs: int, classes: int, hidden: tuple, seed: int):
     return keras.Sequential(layers, name="sweep_mlp")
 
 
-def _optimizer(name: str, learning_rate: float):
-    import keras
+def apply_route(model, route: str, optimizer, l2: float, n: int, layers) -> tuple:
+    """Puts L2 on `layers` through `route`; returns the `(optimizer, loss)` to compile with."""
+    loss = "categorical_crossentropy"
+    if route == "regularizer":
+        regularize(model, l2=l2, n=n, layers=layers)
+    elif route == "loss":
+        loss = L2CategoricalCrossentropy(l2=l2, n=n, layers=layers)
+    elif route in ("coupled", "decoupled"):
+        optimizer = L2DecayOptimizer(optimizer, l2=l2, n=n, layers=layers, mode=route)
+    else:
+        raise ValueError(f"Unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    return optimizer, loss
 
+
+def _optimizer(name: str, learning_rate: float):
     return {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
             "rmsprop": keras.optimizers.RMSprop}[name](learning_rate)
 
@@ -227,23 +241,12 @@ def _optimizer(name: str, learning_rate: float):
 def train_one(config: SweepConfig, data: SweepData, l2: float, seed: int, parent_run_id: str | None,
               store_uri: str, position: str = "") -> dict:
     """Trains one model with lambda `l2`; returns its per-epoch history and final norms."""
-    import keras
-
-    import keras_l2
-
     model = build_model(data.x_train.shape[1], data.classes, tuple(config.hidden), seed)
     chosen = choose_layers(model, config.layers)
-    n = len(data.x_train)
-    optimizer = _optimizer(config.optimizer, config.learning_rate)
-    loss = "categorical_crossentropy"
-    if config.route == "regularizer":
-        keras_l2.regularize(model, l2=l2, n=n, layers=chosen)
-    elif config.route == "loss":
-        loss = keras_l2.L2CategoricalCrossentropy(l2=l2, n=n, layers=chosen)
-    else:
-        optimizer = keras_l2.L2DecayOptimizer(optimizer, l2=l2, n=n, layers=chosen, mode=config.route)
+    optimizer, loss = apply_route(model, config.route, _optimizer(config.optimizer, config.learning_rate), l2,
+                                  len(data.x_train), chosen)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    logger = keras_l2.MlflowL2Logger(
+    logger = MlflowL2Logger(
         tracking_uri=store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
         parent_run_id=parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route}, verbose=0,
     )
@@ -253,48 +256,41 @@ def train_one(config: SweepConfig, data: SweepData, l2: float, seed: int, parent
     history = model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
                         batch_size=config.batch_size, validation_batch_size=512, epochs=config.epochs, verbose=0,
                         callbacks=[logger, progress]).history
-    norms = {layer.name: float(np.linalg.norm(keras.ops.convert_to_numpy(layer.kernel)))
-             for layer in model.layers if isinstance(layer, keras.layers.Dense)}
     return {
-        "l2": l2, "seed": seed, "run_id": logger.run_id, "history": history, "norms": norms,
+        "l2": l2, "seed": seed, "run_id": logger.run_id, "history": history,
+        "norms": {layer: trajectory[-1] for layer, trajectory in progress.norm_history.items()},
         "chosen": [layer.name for layer in chosen], "norm_history": progress.norm_history,
     }
 
 
-class _Progress:
+class _Progress(keras.callbacks.Callback):
     """Prints one line per run every few epochs: epoch, data losses, ETA; records the norms."""
 
-    def __new__(cls, *args, **kwargs):
-        import keras
+    def __init__(self, label, epochs, verbose):
+        super().__init__()
+        self.label, self.epochs, self.verbose = label, epochs, verbose
+        self.norm_history = {}  # layer -> [initial norm, norm after each epoch]
+        self.every = max(1, epochs // 4)
 
-        class Progress(keras.callbacks.Callback):
-            def __init__(self, label, epochs, verbose):
-                super().__init__()
-                self.label, self.epochs, self.verbose = label, epochs, verbose
-                self.norm_history = {}
-                self.every = max(1, epochs // 4)
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+        self._record()
 
-            def on_train_begin(self, logs=None):
-                self.start = time.perf_counter()
-                self._record()
+    def _record(self):
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.Dense):
+                value = float(np.linalg.norm(keras.ops.convert_to_numpy(layer.kernel)))
+                self.norm_history.setdefault(layer.name, []).append(value)
 
-            def _record(self):
-                for layer in self.model.layers:
-                    if isinstance(layer, keras.layers.Dense):
-                        value = float(np.linalg.norm(keras.ops.convert_to_numpy(layer.kernel)))
-                        self.norm_history.setdefault(layer.name, []).append(value)
-
-            def on_epoch_end(self, epoch, logs=None):
-                self._record()
-                done = epoch + 1
-                if self.verbose and (done % self.every == 0 or done == self.epochs):
-                    elapsed = time.perf_counter() - self.start
-                    eta = elapsed / done * (self.epochs - done)
-                    print(f"{self.label} epoch {done:>4}/{self.epochs}  data_loss {logs['data_loss']:.4f}  "
-                          f"val_data_loss {logs['val_data_loss']:.4f}  val_acc {logs['val_accuracy']:.3f}  "
-                          f"ETA {eta:5.1f}s", flush=True)
-
-        return Progress(*args, **kwargs)
+    def on_epoch_end(self, epoch, logs=None):
+        self._record()
+        done = epoch + 1
+        if self.verbose and (done % self.every == 0 or done == self.epochs):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / done * (self.epochs - done)
+            print(f"{self.label} epoch {done:>4}/{self.epochs}  data_loss {logs['data_loss']:.4f}  "
+                  f"val_data_loss {logs['val_data_loss']:.4f}  val_acc {logs['val_accuracy']:.3f}  "
+                  f"ETA {eta:5.1f}s", flush=True)
 
 
 # ------------------------------------------------------------------ sweep

@@ -60,17 +60,11 @@ ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 
 def compile_route(model, route: str, optimizer, l2: float, n: int, layers, **compile_kwargs):
     """Compiles `model` with L2 applied through one of the four routes (or "none")."""
-    from keras_l2 import L2CategoricalCrossentropy, L2DecayOptimizer, regularize
+    from keras_l2.sweep import apply_route
 
     loss = "categorical_crossentropy"
-    if route == "regularizer":
-        regularize(model, l2=l2, n=n, layers=layers)
-    elif route == "loss":
-        loss = L2CategoricalCrossentropy(l2=l2, n=n, layers=layers)
-    elif route in ("coupled", "decoupled"):
-        optimizer = L2DecayOptimizer(optimizer, l2=l2, n=n, layers=layers, mode=route)
-    elif route != "none":
-        raise ValueError(route)
+    if route != "none":
+        optimizer, loss = apply_route(model, route, optimizer, l2, n, layers)
     model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
     return model
 

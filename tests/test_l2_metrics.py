@@ -81,12 +81,18 @@ def test_minibatch_epoch_average_weights_steps_by_batch_size(float64, route):
             np.testing.assert_allclose(history["loss"][epoch], history["data_loss"][epoch], rtol=EXACT)
 
 
-@pytest.mark.parametrize("route", ROUTES)
-def test_penalty_metric_follows_a_changed_lambda(float64, route):
+def _sgd_on_both_layers(route):
+    """The note's network with L2 on both kernels through `route`, SGD; returns it, its start and 24 examples."""
     x, y = data(24)
     model = mlp()
     w0 = weights(model)
     compile_route(model, route, keras.optimizers.SGD(LR), LAMBDA, 24, select_layers(model))
+    return model, w0, x, y
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_penalty_metric_follows_a_changed_lambda(float64, route):
+    model, w0, x, y = _sgd_on_both_layers(route)
     attach_l2_metrics(model)
     first = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
     set_l2(model, 2 * LAMBDA)
@@ -123,10 +129,7 @@ def test_a_user_metric_with_the_same_name_is_refused():
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_reattaching_reuses_traces_but_never_a_stale_lambda(float64, route):
-    x, y = data(24)
-    model = mlp()
-    w0 = weights(model)
-    compile_route(model, route, keras.optimizers.SGD(LR), LAMBDA, 24, select_layers(model))
+    model, w0, x, y = _sgd_on_both_layers(route)
     model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
     plain = model.train_function
     attach_l2_metrics(model)
