@@ -11,7 +11,9 @@ over rounds of each variant's ratio to no logger in the same round, for wall
 time and for the process's CPU time (all threads: the delivery thread's
 store writes show there even when a spare core hides them from the wall
 clock), and the time `on_train_end` waits for the last records to reach the
-store. "no logger (A/A)" is the baseline timed twice: its distance from 1.000
+store, and the logger's own work per epoch: its hooks on the training thread
+and the delivery thread's CPU time in store calls. "no logger (A/A)" is the
+baseline timed twice: its distance from 1.000
 is the measurement noise of the run.
 
     python experiments/logger_overhead.py            # digits MLP and 784-1024-1024-10
@@ -51,6 +53,20 @@ class EpochClock(keras.callbacks.Callback):
 
 
 class TimedLogger(keras_l2.MlflowL2Logger):
+    """Times the logger's own work: its epoch and step hooks, and its final wait."""
+
+    hook_seconds = 0.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        start = time.perf_counter()
+        super().on_epoch_end(epoch, logs)
+        self.hook_seconds += time.perf_counter() - start
+
+    def _on_step_end(self, batch, logs=None):
+        start = time.perf_counter()
+        super()._on_step_end(batch, logs)
+        self.hook_seconds += time.perf_counter() - start
+
     def on_train_end(self, logs=None):
         start = time.perf_counter()
         super().on_train_end(logs)
@@ -90,7 +106,11 @@ def fit(model, x, y, batch, epochs, every, store_uri):
         callbacks.append(logger)
     model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[*callbacks, clock])
     wall, cpu = np.median(np.diff(np.array(clock.ends), axis=0)[1:], axis=0)  # epochs 3..
-    return wall, cpu, (logger.end_seconds if logger else 0.0)
+    if logger is None:
+        return wall, cpu, 0.0, 0.0, 0.0
+    # The logger's own work per epoch: its hooks on the training thread, and the
+    # delivery thread's CPU in store calls (run set-up included).
+    return wall, cpu, logger.end_seconds, logger.hook_seconds / epochs, logger._outbox.cpu_seconds / epochs
 
 
 def run(name: str, route: str, rounds: int, store_uri: str):
@@ -104,13 +124,13 @@ def run(name: str, route: str, rounds: int, store_uri: str):
     models = {v: model for v in VARIANTS}
     for variant, every in VARIANTS.items():  # warm-up: trace, create the store
         fit(models[variant], x[: 2 * batch], y[: 2 * batch], batch, 3, every, store_uri)
-    rows = {v: [] for v in VARIANTS}  # per round: (wall s, wall ratio, cpu ratio, train-end wait s)
+    rows = {v: [] for v in VARIANTS}  # per round: (wall s, wall ratio, cpu ratio, end wait s, hooks s, delivery s)
     for r in range(rounds):
         order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
         timed = {v: fit(models[v], x, y, batch, epochs, VARIANTS[v], store_uri) for v in order}
-        wall0, cpu0, _ = timed["no logger"]
-        for variant, (wall, cpu, end) in timed.items():
-            rows[variant].append((wall, wall / wall0, cpu / cpu0, end))
+        wall0, cpu0 = timed["no logger"][:2]
+        for variant, (wall, cpu, end, hooks, delivery) in timed.items():
+            rows[variant].append((wall, wall / wall0, cpu / cpu0, end, hooks, delivery))
     steps = -(-len(x) // batch)
     return {v: (*(statistics.median(column) for column in zip(*rows[v], strict=True)), steps) for v in VARIANTS}
 
@@ -138,13 +158,14 @@ def main() -> None:
     print(f"backend={keras.backend.backend()} route={args.route} rounds={rounds} "
           f"threads={args.threads or 'default'} store=SQLite (temporary)")
     print(f"{'model':<18}{'logging':<17}{'steps/epoch':>12}{'ms/epoch':>10}{'wall ratio':>11}{'cpu ratio':>10}"
-          f"{'train-end wait ms':>19}")
+          f"{'train-end wait ms':>19}{'hooks ms/epoch':>16}{'delivery cpu ms/epoch':>23}")
     with tempfile.TemporaryDirectory() as root:
         store_uri = f"sqlite:///{Path(root) / 'mlflow.db'}"
         for name in names:
-            for variant, (wall, ratio, cpu, end, steps) in run(name, args.route, rounds, store_uri).items():
+            for variant, (wall, ratio, cpu, end, hooks, delivery, steps) in run(
+                    name, args.route, rounds, store_uri).items():
                 print(f"{name:<18}{variant:<17}{steps:>12}{wall * 1e3:>10.1f}{ratio:>11.3f}{cpu:>10.3f}"
-                      f"{end * 1e3:>19.1f}")
+                      f"{end * 1e3:>19.1f}{hooks * 1e3:>16.2f}{delivery * 1e3:>23.2f}")
 
 
 if __name__ == "__main__":

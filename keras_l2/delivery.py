@@ -123,6 +123,7 @@ class Outbox:
         self._outage: str | None = None  # the error, while the store is unreachable
         self._backend = None
         self.delivered = 0
+        self.cpu_seconds = 0.0  # CPU time the delivery thread spent in store calls
         self._thread = None  # runs only while there is something to deliver
         _LIVE.add(self)
 
@@ -293,11 +294,13 @@ class Outbox:
                     continue
                 batch, count = _coalesce(self._ops)
                 self._busy = True
+            started = time.thread_time()
             try:
                 self._deliver(batch)
                 error = None
             except Exception as caught:  # noqa: BLE001 - classified below; must never escape
                 error = caught
+            self.cpu_seconds += time.thread_time() - started
             with self._cond:
                 self._busy = False
                 self._last_delivery = time.monotonic()

@@ -62,6 +62,9 @@ def test_logger_overhead_prints_every_variant():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("digits")]
-    assert [" ".join(line.split()[1:-5]) for line in rows] == ["no logger", "no logger (A/A)", "per epoch",
+    assert [" ".join(line.split()[1:-7]) for line in rows] == ["no logger", "no logger (A/A)", "per epoch",
                                                                "every 10 steps"]
-    assert float(rows[0].split()[-3]) == 1.0
+    assert float(rows[0].split()[-5]) == 1.0  # the baseline's wall ratio to itself
+    hooks, delivery = zip(*((float(line.split()[-2]), float(line.split()[-1])) for line in rows), strict=True)
+    assert hooks[:2] == delivery[:2] == (0.0, 0.0)  # no logger, no logger work
+    assert all(value > 0 for value in hooks[2:] + delivery[2:])
