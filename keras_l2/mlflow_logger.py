@@ -69,10 +69,11 @@ class MlflowL2Logger(keras.callbacks.Callback):
       or not. Step 0 holds the initial norms and lambda;
     - with `log_every_n_steps=k`, also every k optimizer steps, at step =
       the global step, under `step/<name>`: Keras' running epoch averages,
-      `step/lambda` and `step/weight_norm/<layer>`. These are logged from
-      Keras' asynchronous batch-end dispatch when every callback allows it
-      (steps then never wait for the host); the norms may then be those of
-      the next step's weights.
+      `step/lambda` and `step/weight_norm/<layer>`. On TensorFlow and
+      PyTorch these are logged from Keras' asynchronous batch-end dispatch
+      when every callback allows it (steps then never wait for the host);
+      the norms may then be those of the next step's weights. On JAX they
+      are logged between steps (each step donates the previous weights).
 
     `l2_penalty` and `data_loss` are Keras metrics averaged in the compiled
     step exactly like `loss` (see `keras_l2.metrics`), so for the regularizer
@@ -184,10 +185,14 @@ class MlflowL2Logger(keras.callbacks.Callback):
         if log_every_n_steps is not None:
             # Only then: without a callback that has its own `on_train_batch_end`,
             # Keras dispatches batch ends asynchronously. Ours is safe to run that
-            # way too (Keras' `async_safe`): it only reads the logs it is given and
-            # the weights, so steps need not wait for the host.
+            # way too (Keras' `async_safe`) on TensorFlow and PyTorch: it only reads
+            # the logs it is given and the weights, so steps need not wait for the
+            # host. Not on JAX: between steps the weights live in the trainer's
+            # state, which the next step donates (deletes); read from Keras' worker
+            # thread they may already be gone (under DataParallel a segfault).
+            # Dispatched synchronously, the hook reads them before the next step.
             self.on_train_batch_end = self._on_step_end
-            self.async_safe = True
+            self.async_safe = keras.backend.backend() != "jax"
         import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
 
     # ------------------------------------------------------------------ public
