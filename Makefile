@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-tensorflow test-jax test-torch test-ui chromium sweep ui lint clean
+.PHONY: setup test test-tensorflow test-jax test-torch test-ui test-multiprocess test-all chromium sweep ui lint clean
 
 setup: $(STAMP)
 
@@ -17,15 +17,25 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole suite on TensorFlow (the default backend), then the core
-# numerical tests (marker `core`) on JAX (x64) and PyTorch.
+# numerical tests (marker `core`) on JAX (x64) and PyTorch, and the XLA and
+# mixed-precision checks (marker `deploy`) on JAX. Tests that start several
+# training processes (marker `multiprocess`: tf.distribute, JAX DataParallel,
+# concurrent sweeps) take minutes: `make test-multiprocess` runs them, and CI
+# (.ci/run) runs both. `make test-all` is the same as CI.
 test: setup lint test-tensorflow test-jax test-torch test-ui
+
+test-all: test test-multiprocess
 
 # Two pytest workers, one per core (tests are short and mostly single-threaded); a test
 # file stays on one worker, so module fixtures (the short sweep) run once.
 PYTEST_WORKERS ?= 2
 
 test-tensorflow: setup
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not ui"
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not ui and not multiprocess"
+
+# Each of these starts its own processes (two per test at most).
+test-multiprocess: setup
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -m multiprocess
 
 # The MLflow UI checked in headless Chromium (Debian's package, installed here if missing).
 test-ui: setup chromium
@@ -38,7 +48,7 @@ chromium:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test-jax: setup
-	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m core
+	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "core or deploy"
 
 test-torch: setup
 	KERAS_BACKEND=torch $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m core

@@ -27,13 +27,35 @@ from keras_l2 import select_layers  # noqa: E402
 OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.5), "adam": lambda: keras.optimizers.Adam(0.05)}
 
 
-def train(route, make_optimizer, strategy):
+def train(route, make_optimizer, strategy, callbacks=(), model_out=None):
     with strategy.scope():
         model = mlp()
         compile_route(model, route, make_optimizer(), 0.3, 32, select_layers(model, names="hidden"))
     x, y = data(examples=32)
-    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=list(callbacks))
+    if model_out is not None:
+        model_out.append(model)
     return weights(model)
+
+
+def logged(route, strategy, store):
+    """What MlflowL2Logger (every step) stored, and the final kernel norm."""
+    import mlflow
+
+    from keras_l2 import MlflowL2Logger
+
+    logger = MlflowL2Logger(tracking_uri=store, log_every_n_steps=1, max_delay=60, verbose=0)
+    models = []
+    train(route, OPTIMIZERS["adam"], strategy, callbacks=[logger], model_out=models)
+    client = mlflow.MlflowClient(store)
+
+    def history(key):
+        return [m.value for m in sorted(client.get_metric_history(logger.run_id, key), key=lambda m: m.step)]
+
+    kernel = models[0].get_layer("hidden").kernel
+    return {"norms": history("weight_norm/hidden"), "penalty": history("l2_penalty"),
+            "step_norms": history("step/weight_norm/hidden"),
+            "final_norm": float(np.linalg.norm(keras.ops.convert_to_numpy(kernel)))}
 
 
 keras.config.set_floatx("float64")
@@ -44,4 +66,7 @@ for route in (*ROUTES, "none"):
     for name, make in OPTIMIZERS.items():
         a, b = train(route, make, single), train(route, make, mirrored)
         result[f"{route}-{name}"] = max(float(np.max(np.abs(p - q))) for p, q in zip(a, b, strict=True))
+store = f"sqlite:///{sys.argv[1]}/store.db"
+result["logger"] = {route: {"mirrored": logged(route, mirrored, store), "single": logged(route, single, store)}
+                    for route in ("regularizer", "coupled")}
 print(json.dumps(result))

@@ -169,6 +169,7 @@ def _count(store_uri, experiment):
     return runs, points
 
 
+@pytest.mark.multiprocess
 def test_two_workers_and_two_concurrent_sweeps_lose_nothing(tmp_path):
     # A brand-new store, opened by two sweeps at once, one of them with two workers.
     store = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
