@@ -9,6 +9,8 @@ regularizer route); the loss and coupled routes add their term themselves.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -36,3 +38,27 @@ def all_replicas(value):
     if count == 1:
         return value
     return ops.multiply(value, ops.convert_to_tensor(float(count), dtype=value.dtype))
+
+
+def strategy_scope(model):
+    """The scope of `model`'s TensorFlow strategy (a no-op on other backends).
+
+    A metric's variables made in it are the strategy's (sync-on-read, summed
+    over every replica of every worker), like those Keras makes in `compile`.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    return model.distribute_strategy.scope()
+
+
+def is_chief(model) -> bool:
+    """False only on the non-chief workers of a multi-worker TensorFlow strategy.
+
+    Under `MultiWorkerMirroredStrategy` every worker runs `fit` and its
+    callbacks; what is to be written once (checkpoints, summaries, tracking)
+    the chief writes (TensorFlow's `should_checkpoint`: worker 0 when the
+    cluster has no "chief" task). True on one process, and on other backends.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return True
+    return bool(model.distribute_strategy.extended.should_checkpoint)

@@ -40,7 +40,7 @@ import keras
 from keras import ops
 
 from keras_l2 import l2_math
-from keras_l2._distribution import all_replicas
+from keras_l2._distribution import all_replicas, strategy_scope
 from keras_l2._retrace import forget_jax_traces
 
 PENALTY = "l2_penalty"
@@ -77,7 +77,12 @@ class L2LossMeans(keras.metrics.Metric):
 
 class _Hook:
     def __init__(self, model):
-        self.means = L2LossMeans()
+        # In the model's strategy scope, as Keras makes its loss tracker: the
+        # logger attaches in `set_model`, which `fit` calls outside the scope,
+        # and plain variables there hold, under MultiWorkerMirroredStrategy,
+        # the examples of their own worker only (data_loss was one worker's).
+        with strategy_scope(model):
+            self.means = L2LossMeans()
         self.compute_loss = model.compute_loss  # the bound method we wrap
         self.had_own_compute_loss = "compute_loss" in model.__dict__
 

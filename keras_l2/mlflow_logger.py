@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_l2 import l2_math
+from keras_l2._distribution import is_chief
 from keras_l2._single_route import optimizer_chain
 from keras_l2.delivery import Outbox
 from keras_l2.metrics import DATA_LOSS, PENALTY, attach_l2_metrics, detach_l2_metrics, penalty_terms
@@ -85,6 +86,11 @@ class MlflowL2Logger(keras.callbacks.Callback):
     Where: an explicit `tracking_uri`, else the user's (`MLFLOW_TRACKING_URI`
     or `mlflow.set_tracking_uri`), else the embedded SQLite store
     `mlruns/mlflow.db` (artifacts in `mlruns/artifacts/`).
+
+    Multi-worker: under `tf.distribute.MultiWorkerMirroredStrategy` only the
+    chief worker logs (one run, every record once); on the other workers the
+    logger adds the same metrics to the step (the workers must run the same
+    step) but logs nothing, and its `run_id` is None.
 
     Runs: with an active MLflow run on the same store, logs into it (or, with
     `nested=True`, into a new child run of it); otherwise starts its own run
@@ -176,7 +182,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self.verbose = verbose
         self._outbox = Outbox(self.store, spool_dir=spool_dir, request_timeout=min(5.0, max(1.0, self.max_delay)))
         self._spool_checked = False
-        self._run = None  # the outbox's key for the run being logged to
+        self._run = None  # the outbox's key for the run being logged to; None: not logging
         self._owns_run = False
         self._l2_model = None
         self._in_fit = False
@@ -246,6 +252,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             self.close("FAILED")
             attach_l2_metrics(model)
         self._in_fit = True
+        self._run = None
         self._global_step = self._last_step_logged = self._epoch_start_step = 0
         try:
             self._describe(model)  # bad set-ups are refused here, before the first step
@@ -253,7 +260,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
             self._in_fit = False
             detach_l2_metrics(model)
             raise
-        self._start_run(model)
+        if is_chief(model):  # one run per fit, not one per worker
+            self._start_run(model)
 
     @_never_raises
     def _start_run(self, model):
@@ -299,6 +307,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
     @_never_raises
     def _on_step_end(self, batch, logs=None):
         # Possibly on one of Keras' worker threads, possibly out of order.
+        if self._run is None:
+            return
         step = self._epoch_start_step + batch + 1
         k = self.log_every_n_steps
         with self._step_lock:
@@ -313,6 +323,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
 
     @_never_raises
     def on_epoch_end(self, epoch, logs=None):
+        if self._run is None:
+            return
         values = self._values(logs or {})
         # Schedules (LambdaScheduler) set lambda when an epoch begins, so at its
         # end lambda is still the one its steps used.
@@ -334,7 +346,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
     @_never_raises
     def _finish(self):
         self.close("FINISHED")
-        if self.verbose:
+        if self.verbose and self._run is not None:
             run_id = self.run_id
             print(f"MlflowL2Logger: run {run_id or '(pending delivery)'} in {self.store.tracking_uri}. "
                   f"Open the UI with `mlflow ui --backend-store-uri {self.store.tracking_uri}` (or `make ui`).")
