@@ -359,9 +359,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         chosen = {id(k) for kernels, *_ in terms for k in kernels}
         dense = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dense) and layer.built]
         self._kernels = [layer.kernel for layer in dense]
-        reader = getattr(self, "_norms", None)
-        if reader is None or [id(k) for k in reader.kernels] != [id(k) for k in self._kernels]:
-            self._norms = _NormReader(self._kernels)  # compiled once per set of kernels, not per fit
+        self._norms = _norm_reader(model, self._kernels)
         self._norm_keys = unique_keys(layer.name for layer in dense)
         self._regularized = [id(k) in chosen for k in self._kernels]
         names = routes.names
@@ -457,6 +455,19 @@ class _NormReader:
             return np.asarray(ops.convert_to_numpy(self._fn()))
         values = values if values is not None else [k.value for k in self.kernels]
         return np.asarray(ops.convert_to_numpy(self._fn(list(values))))
+
+
+# One compiled reader per model, shared by the loggers of its fits: a logger per
+# fit (as in a sweep, or `fit` called in a loop) would otherwise trace anew each
+# time, and TensorFlow warns about that after five.
+_NORM_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _norm_reader(model, kernels) -> _NormReader:
+    reader = _NORM_READERS.get(model)
+    if reader is None or [id(k) for k in reader.kernels] != [id(k) for k in kernels]:
+        reader = _NORM_READERS[model] = _NormReader(kernels)
+    return reader
 
 
 def _live_values(model, kernels):

@@ -52,7 +52,7 @@ def _reduce_each(reduce_op, value, axis=None):
     """`STRATEGY.reduce` working around two bugs of Keras 3's TF trainer under MWMS.
 
     Without it `fit` fails with more than one worker (Keras 3.15, TF 2.21;
-    keras-team/keras#20585):
+    the second error is tensorflow/tensorflow#72388):
     - `_maybe_symbolic_build` reduces a whole `(x, y)` batch in one call, but
       MWMS reduces one value only ("Attempt to convert a value (PerReplica
       ...)"): reduce each value, as MirroredStrategy effectively does;

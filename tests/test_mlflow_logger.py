@@ -307,3 +307,21 @@ def test_disagreeing_lambdas_are_refused_before_any_step(store_uri):
     for old, new in zip(before, weights(model), strict=True):
         np.testing.assert_array_equal(old, new)
     assert "compute_loss" not in vars(model)
+
+
+def test_loggers_of_one_model_share_one_compiled_norm_reader(store_uri):
+    """A logger per fit (a sweep, or fit in a loop) must not recompile the norms each time."""
+    x, y = data(12)
+    model = mlp()
+    compile_route(model, "coupled", keras.optimizers.SGD(0.1), LAMBDA, 12, select_layers(model))
+    loggers = [MlflowL2Logger(tracking_uri=store_uri, max_delay=60, verbose=0) for _ in range(3)]
+    for logger in loggers:
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[logger])
+    assert loggers[0]._norms is loggers[1]._norms is loggers[2]._norms
+    if keras.backend.backend() == "tensorflow":
+        assert loggers[0]._norms._fn.experimental_get_tracing_count() == 1
+    other = mlp()
+    compile_route(other, "coupled", keras.optimizers.SGD(0.1), LAMBDA, 12, select_layers(other))
+    logger = MlflowL2Logger(tracking_uri=store_uri, max_delay=60, verbose=0)
+    other.fit(x, y, epochs=1, verbose=0, callbacks=[logger])
+    assert logger._norms is not loggers[0]._norms and logger._norms.kernels[0] is other.layers[0].kernel
