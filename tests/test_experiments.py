@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +38,7 @@ def test_benchmark_rejects_unknown_variant():
     assert done.returncode == 2 and "unknown variants ['l3']" in done.stderr
 
 
+@pytest.mark.multiprocess
 def test_store_race_reports_no_failure_through_open_store():
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "store_race.py"), "--processes", "3", "--trials", "1"],

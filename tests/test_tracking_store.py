@@ -66,6 +66,7 @@ def test_unwritable_mlruns_is_refused_before_training(no_user_uri):
     assert str(no_user_uri / "mlruns") in str(info.value) and "MLFLOW_TRACKING_URI" in str(info.value)
 
 
+@pytest.mark.multiprocess
 def test_processes_opening_a_new_store_at_once_lose_nothing(tmp_path):
     """MLflow's schema migration races on a brand-new SQLite store; the lock prevents it."""
     worker = textwrap.dedent(f"""
