@@ -75,7 +75,7 @@ BACKENDS=${BACKENDS-jax torch}
 PARTS=${PARTS-tests bench}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 DEADLINE=${DEADLINE:-480}
-VARIANTS=none,keras_L2,keras_weight_decay,regularizer,loss,coupled,decoupled
+VARIANTS="none,none (A/A),keras_L2,keras_weight_decay,regularizer,loss,coupled,decoupled"  # A/A: the noise
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 
 say() { printf '%s\n' "$*"; }
