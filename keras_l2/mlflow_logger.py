@@ -70,11 +70,14 @@ class MlflowL2Logger(keras.callbacks.Callback):
       or not. Step 0 holds the initial norms and lambda;
     - with `log_every_n_steps=k`, also every k optimizer steps, at step =
       the global step, under `step/<name>`: Keras' running epoch averages,
-      `step/lambda` and `step/weight_norm/<layer>`. On TensorFlow and
-      PyTorch these are logged from Keras' asynchronous batch-end dispatch
-      when every callback allows it (steps then never wait for the host);
-      the norms may then be those of the next step's weights. On JAX they
-      are logged between steps (each step donates the previous weights).
+      `step/lambda` and `step/weight_norm/<layer>`. On PyTorch and JAX these
+      are logged from Keras' asynchronous batch-end dispatch when every
+      callback allows it (steps then never wait for the host); on PyTorch
+      the norms may then be those of the next step's weights. On JAX the
+      norms of step s are read when step s + 1 begins (each step donates
+      the previous weights), so they are exact and the host waits for the
+      device only on logged steps. On TensorFlow Keras runs batch ends
+      synchronously.
 
     `l2_penalty` and `data_loss` are Keras metrics averaged in the compiled
     step exactly like `loss` (see `keras_l2.metrics`), so for the regularizer
@@ -190,15 +193,18 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._step_lock = threading.Lock()
         if log_every_n_steps is not None:
             # Only then: without a callback that has its own `on_train_batch_end`,
-            # Keras dispatches batch ends asynchronously. Ours is safe to run that
-            # way too (Keras' `async_safe`) on TensorFlow and PyTorch: it only reads
-            # the logs it is given and the weights, so steps need not wait for the
-            # host. Not on JAX: between steps the weights live in the trainer's
-            # state, which the next step donates (deletes); read from Keras' worker
-            # thread they may already be gone (under DataParallel a segfault).
-            # Dispatched synchronously, the hook reads them before the next step.
+            # Keras may dispatch batch ends asynchronously (on PyTorch and JAX; never
+            # on TensorFlow, which Keras does not count as thread-safe). Ours is safe
+            # to run that way (Keras' `async_safe`): steps need not wait for the host.
             self.on_train_batch_end = self._on_step_end
-            self.async_safe = keras.backend.backend() != "jax"
+            self.async_safe = True
+            if keras.backend.backend() == "jax":
+                # Between JAX steps the weights live in the trainer's state, which
+                # the next step donates (deletes): read from Keras' worker thread
+                # they may already be gone (under DataParallel, a segfault). So the
+                # norms of step s are read when step s + 1 begins (a synchronous
+                # hook, before the donation), and the last step's at epoch end.
+                self.on_train_batch_begin = self._read_step_norms
         import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
 
     # ------------------------------------------------------------------ public
@@ -251,9 +257,13 @@ class MlflowL2Logger(keras.callbacks.Callback):
         if self._owns_run:  # the previous fit with this logger raised
             self.close("FAILED")
             attach_l2_metrics(model)
+            if model.train_function is None:
+                # `fit` made its step function before this hook; attaching (on JAX
+                # and PyTorch) dropped it, and `fit` would call None.
+                model.make_train_function()
         self._in_fit = True
         self._run = None
-        self._global_step = self._last_step_logged = self._epoch_start_step = 0
+        self._global_step = self._last_step_logged = self._last_norm_step = self._epoch_start_step = 0
         try:
             self._describe(model)  # bad set-ups are refused here, before the first step
         except Exception:
@@ -316,15 +326,34 @@ class MlflowL2Logger(keras.callbacks.Callback):
             if step // k == self._last_step_logged // k or step <= self._last_step_logged:
                 return
             self._last_step_logged = step
-        # Run asynchronously, the weights read here may be a step newer than `step`.
-        values = self._values(logs or {}, _live_values(self._l2_model, self._kernels))
+        # Run asynchronously (PyTorch), the weights read here may be a step newer than `step`.
+        norms_here = keras.backend.backend() != "jax"  # on JAX: `_read_step_norms`
+        values = self._values(logs or {}, _live_values(self._l2_model, self._kernels), norms=norms_here)
         values["lambda"] = self._current_lambda(self._l2_model)
         self._outbox.log(self._run, metrics={STEP_PREFIX + key: v for key, v in values.items()}, step=step)
+
+    @_never_raises
+    def _read_step_norms(self, batch, logs=None):
+        """JAX: logs the norms of the last step if it is a logged one (see `__init__`)."""
+        if self._run is None:
+            return
+        self._log_step_norms(self._epoch_start_step + batch)
+
+    def _log_step_norms(self, step: int) -> None:
+        k = self.log_every_n_steps
+        if step <= self._last_norm_step or step // k == self._last_norm_step // k:
+            return
+        self._last_norm_step = step
+        norms = self._norms(_live_values(self._l2_model, self._kernels))
+        metrics = {STEP_PREFIX + NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, norms, strict=True)}
+        self._outbox.log(self._run, metrics=metrics, step=step)
 
     @_never_raises
     def on_epoch_end(self, epoch, logs=None):
         if self._run is None:
             return
+        if self.log_every_n_steps is not None and keras.backend.backend() == "jax":
+            self._log_step_norms(self._global_step)  # the epoch's last step (batch ends are flushed)
         values = self._values(logs or {})
         # Schedules (LambdaScheduler) set lambda when an epoch begins, so at its
         # end lambda is still the one its steps used.
@@ -404,7 +433,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         value = l2_routes(model).l2
         return 0.0 if value is None else float(value)
 
-    def _values(self, logs: dict, kernel_values=None) -> dict:
+    def _values(self, logs: dict, kernel_values=None, norms: bool = True) -> dict:
         """Keras logs, kernel norms and the derived `regularized_loss`, as Python floats."""
         result = {}
         for name, value in logs.items():
@@ -417,8 +446,9 @@ class MlflowL2Logger(keras.callbacks.Callback):
             if prefix + DATA_LOSS in result and prefix + PENALTY in result:
                 result[prefix + "regularized_loss"] = result[prefix + DATA_LOSS] + result[prefix + PENALTY]
         result = {sanitize(k): v for k, v in result.items()}
-        norms = self._norms(kernel_values)
-        result.update({NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, norms, strict=True)})
+        if norms:
+            values = self._norms(kernel_values)
+            result.update({NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, values, strict=True)})
         return result
 
 
