@@ -16,12 +16,19 @@ kernels read before every step, from which the expected norms and penalties
 follow.
 """
 
+import ctypes
 import faulthandler
 import json
 import os
+import signal
 import sys
 
 faulthandler.enable(all_threads=True)  # a crash in JAX's runtime then shows each thread's Python stack
+# Never an orphan: dies with the test that started it (Linux), or after 330 s
+# (past the test's 300 s timeout), as multiworker_script.py does.
+signal.alarm(330)
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ["JAX_ENABLE_X64"] = "1"

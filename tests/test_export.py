@@ -54,8 +54,8 @@ def exported(tmp_path_factory):
 def test_exported_model_serves_without_keras_l2(exported, route):
     models, served = exported
     path, expected = models[route]
+    # The serving process ran to the end with `import keras_l2` raising (see serve_script.py).
     np.testing.assert_allclose(served[str(path)], expected, rtol=1e-6, atol=1e-7)
-    assert served["keras_l2_loaded"] is False
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -102,3 +102,30 @@ def test_penalty_is_computed_in_float32(policy, route):
     kernel = weights(model)[0].astype(np.float64)
     # float16 (10-bit mantissa) sums would be off by ~1e-3; float32 by ~1e-7.
     assert float(penalty) == pytest.approx(L2["sgd"] / N * np.sum(kernel**2), rel=2e-6)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("policy", sorted(TOLERANCE))
+def test_penalty_inside_the_step_is_float32(policy, route):
+    """One full-batch step: the in-graph `l2_penalty` (and, for the penalty routes, the
+    loss minus the data loss) is the penalty of the float32 weights the step used."""
+    from keras_l2 import attach_l2_metrics
+
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = mlp(hidden=16)
+        compile_route(model, route, keras.optimizers.SGD(0.2), L2["sgd"], N, select_layers(model, names="hidden"))
+        attach_l2_metrics(model)
+        kernel = weights(model)[0].astype(np.float64)
+        x, y = data()
+        history = model.fit(x.astype("float32"), y.astype("float32"), batch_size=len(x), epochs=1, verbose=0).history
+    finally:
+        keras.config.set_dtype_policy("float32")
+    expected = L2["sgd"] / N * np.sum(kernel**2)
+    # Computed from the weights cast to the compute dtype instead, the penalty would be this far off:
+    low = policy.removeprefix("mixed_")
+    cast = L2["sgd"] / N * np.sum(keras.ops.convert_to_numpy(keras.ops.cast(kernel, low)).astype(np.float64) ** 2)
+    assert abs(cast - expected) / expected > 10 * 2e-6  # measured: 5.9e-5 (float16), more for bfloat16
+    assert history["l2_penalty"][0] == pytest.approx(expected, rel=2e-6)
+    if route in ("regularizer", "loss"):  # the route's own penalty, inside its loss
+        assert history["loss"][0] - history["data_loss"][0] == pytest.approx(expected, rel=5e-6)

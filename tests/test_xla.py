@@ -2,8 +2,8 @@
 
 Run on TensorFlow and on JAX (marker `deploy`). In float64 the two
 compilations may still sum in a different order, so weights agree to 1e-12,
-not bit for bit; a wrong penalty (lambda doubled, or the term lost) moves
-them by more than 1e-3 here, which the control test pins.
+not bit for bit; a wrong penalty moves them far more (lambda doubled: more
+than 1e-3 for the coupled route with Adam, which the control test pins).
 """
 
 import keras
