@@ -15,7 +15,7 @@ the same round. "none (A/A)" is the baseline timed twice: its distance from
 1.000 is this run's noise.
 
     python experiments/benchmark.py                      # digits and 784-1024-1024-10, jit on and off
-    python experiments/benchmark.py --quick              # about 2.5 minutes here
+    python experiments/benchmark.py --quick              # under 2 minutes here (1 min 50 s measured)
     KERAS_BACKEND=jax python experiments/benchmark.py --models mlp4096 --jit on   # a GPU
 """
 
@@ -145,7 +145,8 @@ def verdict(variant: str, ratio: float) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds, fewer steps (about 2.5 minutes here)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 rounds of 8 steps (1 min 50 s here): a smoke run, too noisy for 1%% claims")
     parser.add_argument("--models", default="digits,mlp1024",
                         help=f"comma-separated, from {', '.join(MODELS)} (mlp4096 is 784-4096-4096-10, batch 1024)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 12; quick 3)")

@@ -70,9 +70,10 @@ def squared_frobenius_norm(w):
     """Returns `sum(square(w))`, the squared Frobenius norm `||W||_F^2`.
 
     Summed as one flat vector: XLA on CPU reduces a 2-D tensor to a scalar
-    about 3x slower than the same numbers flattened (2.3 ms against 0.8 ms
-    for the 784-1024-1024 kernels, one thread), which alone made the penalty
-    routes cost 6% of a training step under `jit_compile=True`.
+    2-2.5x slower than the same numbers flattened (2.1-2.4 ms against
+    0.9-1.3 ms for the 784-1024-1024 kernels, one thread, in
+    `experiments/reduction_cost.py`), which made the penalty routes cost
+    about 4% more of a training step under `jit_compile=True`.
     """
     return ops.sum(ops.square(ops.reshape(w, (-1,))))
 

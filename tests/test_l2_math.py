@@ -61,7 +61,7 @@ def test_gradient_scales_with_upstream(float64):
 # Keras' own `L2` turns a Python `l2` into a float32 tensor before it meets a
 # float64 kernel on TensorFlow, so in float64 we compare with an `l2` that
 # float32 represents exactly. We sum the squares as one flat vector (XLA
-# reduces that 3x faster on CPU) where Keras sums a matrix: the order of the
+# reduces that 2x faster on CPU) where Keras sums a matrix: the order of the
 # additions differs, so the values agree to a few units in the last place.
 @pytest.mark.parametrize("dtype,l2,rtol", [("float32", 0.037, 1e-6), ("float64", 0.03125, 1e-15)], ids=str)
 def test_regularizer_with_n_1_is_keras_l2(dtype, l2, rtol):
