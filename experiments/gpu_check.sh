@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The core numerical tests and the step-time benchmark on a GPU, on JAX and PyTorch.
+# The core numerical tests (on JAX also the XLA and mixed-precision checks) and the step-time benchmark on a GPU, on JAX and PyTorch.
 #
 # Meant for the workplace's GPU machine (the `device` tool): Python 3.12 with
 # JAX (CUDA), PyTorch, numpy, pytest, pytest-xdist, scikit-learn, rich, h5py,
@@ -225,13 +225,17 @@ fi
 
 run_tests() {  # run_tests BACKEND: the core tests on BACKEND, from the copy in $RUNDIR
     local backend=$1 xdist=() log="$RUNDIR/pytest_$1.log" rc=0
-    # --dist load, not the Makefile's loadfile: no core test file has a module fixture, and
-    # test_routes.py alone would otherwise keep one worker busy for most of the run.
+    # --dist load, not the Makefile's loadfile: test_routes.py alone would otherwise keep
+    # one worker busy for most of the run (test_mixed_precision.py's module fixture is
+    # then computed once per worker that runs its tests: slower, not wrong).
     [[ $PYTEST_WORKERS -gt 1 ]] && xdist=(-n "$PYTEST_WORKERS" --dist load)
     local env=(KERAS_BACKEND="$backend" XLA_PYTHON_CLIENT_PREALLOCATE=false)
-    [[ $backend == jax ]] && env+=(JAX_ENABLE_X64=1)
-    say "${env[*]} $PY -m pytest -m core -q -p no:cacheprovider ${xdist[*]} ${IGNORES[*]}"
-    (cd "$RUNDIR" && env "${env[@]}" timeout -k 10 "$STEP_LIMIT" "$PY" -m pytest -m core -q -p no:cacheprovider \
+    # On JAX also the XLA and mixed-precision checks (marker deploy), as `make test` runs them;
+    # tests marked mlflow need MLflow, which is not there.
+    local markers="core and not mlflow"
+    [[ $backend == jax ]] && env+=(JAX_ENABLE_X64=1) && markers="(core or deploy) and not mlflow"
+    say "${env[*]} $PY -m pytest -m \"$markers\" -q -p no:cacheprovider ${xdist[*]} ${IGNORES[*]}"
+    (cd "$RUNDIR" && env "${env[@]}" timeout -k 10 "$STEP_LIMIT" "$PY" -m pytest -m "$markers" -q -p no:cacheprovider \
         "${xdist[@]}" "${IGNORES[@]}") 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}
     STEP_NOTE=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$log" | tail -n 1 | sed 's/^=* *//; s/ *=*$//' || true)
     return "$rc"
@@ -252,7 +256,7 @@ run_bench() {  # run_bench BACKEND
 }
 
 if [[ " $PARTS " == *" tests "* ]]; then
-    for backend in $BACKENDS; do step "tests -m core ($backend)" run_tests "$backend"; done
+    for backend in $BACKENDS; do step "tests ($backend)" run_tests "$backend"; done
 fi
 if [[ " $PARTS " == *" bench "* ]]; then
     for backend in $BACKENDS; do step "benchmark ($backend)" run_bench "$backend"; done

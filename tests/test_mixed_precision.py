@@ -16,7 +16,6 @@ drifts 3.3e-2 from its float32 run under the same policy).
 """
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 
@@ -68,10 +67,8 @@ def float32_runs():
 
 @pytest.mark.parametrize(("route", "optimizer"), CASES, ids=[f"{r}-{o}" for r, o in CASES])
 @pytest.mark.parametrize("policy", sorted(TOLERANCE))
-def test_mixed_trajectory_stays_close_to_float32(float32_runs, policy, route, optimizer, tmp_path):
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    logger = MlflowL2Logger(tracking_uri=store, max_delay=60, verbose=0)  # wait: the store is checked next
-    model = _train(route, optimizer, policy, callbacks=[logger])
+def test_mixed_trajectory_stays_close_to_float32(float32_runs, policy, route, optimizer):
+    model = _train(route, optimizer, policy)
     reference, without_l2 = float32_runs[route, optimizer]
 
     if policy == "mixed_float16":
@@ -83,8 +80,19 @@ def test_mixed_trajectory_stays_close_to_float32(float32_runs, policy, route, op
     assert error < TOLERANCE[policy]
     assert effect > 2 * TOLERANCE[policy]  # a lost (or 2**15 times too strong) decay would fail the line above
 
-    # The logger reads the float32 kernels.
+
+@pytest.mark.mlflow
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("policy", sorted(TOLERANCE))
+def test_logger_under_mixed_precision(policy, route, tmp_path):
+    """The logger reads the float32 kernels, and its run ends with the training."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    logger = MlflowL2Logger(tracking_uri=store, max_delay=60, verbose=0)  # wait: the store is checked next
+    model = _train(route, "sgd", policy, callbacks=[logger])
     client = mlflow.MlflowClient(store)
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
     last = max(client.get_metric_history(logger.run_id, "weight_norm/hidden"), key=lambda m: m.step)
     assert last.value == pytest.approx(np.linalg.norm(weights(model)[0].astype(np.float64)), rel=1e-6)
 

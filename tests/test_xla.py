@@ -7,7 +7,6 @@ than 1e-3 for the coupled route with Adam, which the control test pins).
 """
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 
@@ -50,8 +49,11 @@ def test_xla_control_a_wrong_penalty_is_seen(float64):
     assert _largest_difference(weights(right), weights(wrong)) > 1e-3
 
 
+@pytest.mark.mlflow
 @pytest.mark.parametrize("route", ROUTES)
 def test_logger_under_xla(float64, tmp_path, route):
+    import mlflow
+
     store = f"sqlite:///{tmp_path / 'store.db'}"
     logger = MlflowL2Logger(tracking_uri=store, log_every_n_steps=2, max_delay=60, verbose=0)
     model, history = _train(route, "adam", jit=True, callbacks=[logger])
