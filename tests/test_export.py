@@ -27,6 +27,9 @@ SCRIPT = Path(__file__).with_name("serve_script.py")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per route: (export directory, the trained model's predictions); and the inputs."""
+    # A module fixture runs before conftest's per-test reset: set the state it needs.
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
     root = tmp_path_factory.mktemp("export")
     x, y = data()
     inputs = data(7, seed=5)[0].astype("float32")

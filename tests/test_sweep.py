@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ SEEDS = 2
 @pytest.fixture(scope="module")
 def short_sweep(tmp_path_factory):
     """A short sweep with fixed seeds, run once for the findings below."""
+    keras.config.set_floatx("float32")  # a module fixture runs before conftest's per-test reset
     root = tmp_path_factory.mktemp("sweep")
     config = sweep.SweepConfig(
         lambdas=LAMBDAS, epochs=40, learning_rate=3e-3, seeds=SEEDS, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
