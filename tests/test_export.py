@@ -27,9 +27,10 @@ SCRIPT = Path(__file__).with_name("serve_script.py")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per route: (export directory, the trained model's predictions); and the inputs."""
-    # A module fixture runs before conftest's per-test reset: set the state it needs.
+    # A module fixture runs before conftest's per-test reset, and Keras pins the
+    # dtype policy of the last test (float64 in many) until `clear_session`.
+    keras.utils.clear_session()
     keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
     root = tmp_path_factory.mktemp("export")
     x, y = data()
     inputs = data(7, seed=5)[0].astype("float32")

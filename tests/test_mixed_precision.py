@@ -61,7 +61,10 @@ CASES = [(route, "sgd") for route in ROUTES] + [("coupled", "adam"), ("decoupled
 @pytest.fixture(scope="module")
 def float32_runs():
     """Per (route, optimizer): the float32 weights, with lambda and without."""
-    keras.config.set_floatx("float32")  # a module fixture runs before conftest's per-test reset
+    # A module fixture runs before conftest's per-test reset, and Keras pins the
+    # dtype policy of the last test (float64 in many) until `clear_session`.
+    keras.utils.clear_session()
+    keras.config.set_floatx("float32")
     return {case: (weights(_train(*case, policy="float32")), weights(_train(*case, policy="float32", l2=0.0)))
             for case in CASES}
 

@@ -21,7 +21,10 @@ SEEDS = 2
 @pytest.fixture(scope="module")
 def short_sweep(tmp_path_factory):
     """A short sweep with fixed seeds, run once for the findings below."""
-    keras.config.set_floatx("float32")  # a module fixture runs before conftest's per-test reset
+    # A module fixture runs before conftest's per-test reset, and Keras pins the
+    # dtype policy of the last test (float64 in many) until `clear_session`.
+    keras.utils.clear_session()
+    keras.config.set_floatx("float32")
     root = tmp_path_factory.mktemp("sweep")
     config = sweep.SweepConfig(
         lambdas=LAMBDAS, epochs=40, learning_rate=3e-3, seeds=SEEDS, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
