@@ -191,6 +191,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._in_fit = False
         self._reported_error = False
         self._step_lock = threading.Lock()
+        # JAX: step norms are read when the next step begins (see below).
+        self._step_norms_at_begin = log_every_n_steps is not None and keras.backend.backend() == "jax"
         if log_every_n_steps is not None:
             # Only then: without a callback that has its own `on_train_batch_end`,
             # Keras may dispatch batch ends asynchronously (on PyTorch and JAX; never
@@ -198,7 +200,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             # to run that way (Keras' `async_safe`): steps need not wait for the host.
             self.on_train_batch_end = self._on_step_end
             self.async_safe = True
-            if keras.backend.backend() == "jax":
+            if self._step_norms_at_begin:
                 # Between JAX steps the weights live in the trainer's state, which
                 # the next step donates (deletes): read from Keras' worker thread
                 # they may already be gone (under DataParallel, a segfault). So the
@@ -304,7 +306,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             self._outbox.log(self._run, params=self._params(model))
         self._outbox.log(self._run, tags={f"l2.regularized/{key}": str(flag).lower()
                                           for key, flag in zip(self._norm_keys, self._regularized, strict=True)})
-        values = self._values({})
+        values = self._norm_metrics()
         values["lambda"] = self._current_lambda(model)
         self._outbox.log(self._run, metrics=values, step=0)
         if self.verbose:
@@ -320,15 +322,15 @@ class MlflowL2Logger(keras.callbacks.Callback):
         if self._run is None:
             return
         step = self._epoch_start_step + batch + 1
-        k = self.log_every_n_steps
         with self._step_lock:
             self._global_step = max(self._global_step, step)
-            if step // k == self._last_step_logged // k or step <= self._last_step_logged:
+            if not self._is_logged_step(step, self._last_step_logged):
                 return
             self._last_step_logged = step
-        # Run asynchronously (PyTorch), the weights read here may be a step newer than `step`.
-        norms_here = keras.backend.backend() != "jax"  # on JAX: `_read_step_norms`
-        values = self._values(logs or {}, _live_values(self._l2_model, self._kernels), norms=norms_here)
+        values = self._values(logs or {})
+        if not self._step_norms_at_begin:
+            # Run asynchronously (PyTorch), the weights read here may be a step newer than `step`.
+            values.update(self._norm_metrics(_live_values(self._l2_model, self._kernels)))
         values["lambda"] = self._current_lambda(self._l2_model)
         self._outbox.log(self._run, metrics={STEP_PREFIX + key: v for key, v in values.items()}, step=step)
 
@@ -340,21 +342,29 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._log_step_norms(self._epoch_start_step + batch)
 
     def _log_step_norms(self, step: int) -> None:
-        k = self.log_every_n_steps
-        if step <= self._last_norm_step or step // k == self._last_norm_step // k:
+        if not self._is_logged_step(step, self._last_norm_step):
             return
         self._last_norm_step = step
-        norms = self._norms(_live_values(self._l2_model, self._kernels))
-        metrics = {STEP_PREFIX + NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, norms, strict=True)}
-        self._outbox.log(self._run, metrics=metrics, step=step)
+        norms = self._norm_metrics(_live_values(self._l2_model, self._kernels))
+        self._outbox.log(self._run, metrics={STEP_PREFIX + key: v for key, v in norms.items()}, step=step)
+
+    def _is_logged_step(self, step: int, last_logged: int) -> bool:
+        """Whether global step `step` crosses a multiple of k since `last_logged`.
+
+        Not `step % k == 0`: with `steps_per_execution` > 1 Keras reports only
+        every few steps, and may skip the multiple itself.
+        """
+        k = self.log_every_n_steps
+        return step > last_logged and step // k != last_logged // k
 
     @_never_raises
     def on_epoch_end(self, epoch, logs=None):
         if self._run is None:
             return
-        if self.log_every_n_steps is not None and keras.backend.backend() == "jax":
+        if self._step_norms_at_begin:
             self._log_step_norms(self._global_step)  # the epoch's last step (batch ends are flushed)
         values = self._values(logs or {})
+        values.update(self._norm_metrics())
         # Schedules (LambdaScheduler) set lambda when an epoch begins, so at its
         # end lambda is still the one its steps used.
         values["lambda"] = self._current_lambda(self._l2_model)
@@ -433,8 +443,8 @@ class MlflowL2Logger(keras.callbacks.Callback):
         value = l2_routes(model).l2
         return 0.0 if value is None else float(value)
 
-    def _values(self, logs: dict, kernel_values=None, norms: bool = True) -> dict:
-        """Keras logs, kernel norms and the derived `regularized_loss`, as Python floats."""
+    def _values(self, logs: dict) -> dict:
+        """Keras logs and the derived `regularized_loss`, as Python floats."""
         result = {}
         for name, value in logs.items():
             # Keras hands callbacks Python floats already; anything else must be a scalar.
@@ -445,11 +455,12 @@ class MlflowL2Logger(keras.callbacks.Callback):
         for prefix in ("", "val_"):
             if prefix + DATA_LOSS in result and prefix + PENALTY in result:
                 result[prefix + "regularized_loss"] = result[prefix + DATA_LOSS] + result[prefix + PENALTY]
-        result = {sanitize(k): v for k, v in result.items()}
-        if norms:
-            values = self._norms(kernel_values)
-            result.update({NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, values, strict=True)})
-        return result
+        return {sanitize(k): v for k, v in result.items()}
+
+    def _norm_metrics(self, kernel_values=None) -> dict:
+        """`weight_norm/<layer>` for every Dense kernel (the live values, or `kernel_values`)."""
+        norms = self._norms(kernel_values)
+        return {NORM_PREFIX + key: float(v) for key, v in zip(self._norm_keys, norms, strict=True)}
 
 
 class _NormReader:
