@@ -9,13 +9,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.helpers import reset_keras  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     """Each test starts from float32 defaults, a fixed seed and fresh layer names."""
-    keras.config.set_floatx("float32")
-    keras.utils.clear_session()
-    keras.utils.set_random_seed(0)
+    reset_keras()
     yield
     keras.config.set_floatx("float32")
 

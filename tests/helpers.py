@@ -31,6 +31,17 @@ def value_and_grad(fn, w: np.ndarray):
     raise NotImplementedError(backend)
 
 
+def reset_keras() -> None:
+    """Float32 defaults, a fixed seed and a fresh session (layer names, the pinned dtype policy).
+
+    conftest runs this before every test. A module fixture runs before that,
+    with whatever the last test left in Keras' global state, so it calls this itself.
+    """
+    keras.config.set_floatx("float32")
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+
+
 def weights(model) -> list[np.ndarray]:
     return [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_variables]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from keras_l2 import LambdaScheduler, MlflowL2Logger, select_layers
-from tests.helpers import ROUTES, compile_route, data, mlp
+from tests.helpers import ROUTES, compile_route, data, mlp, reset_keras
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="model.export writes a SavedModel through TensorFlow")
@@ -27,10 +27,7 @@ SCRIPT = Path(__file__).with_name("serve_script.py")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per route: (export directory, the trained model's predictions); and the inputs."""
-    # A module fixture runs before conftest's per-test reset, and Keras pins the
-    # dtype policy of the last test (float64 in many) until `clear_session`.
-    keras.utils.clear_session()
-    keras.config.set_floatx("float32")
+    reset_keras()  # module fixtures run before conftest's per-test reset
     root = tmp_path_factory.mktemp("export")
     x, y = data()
     inputs = data(7, seed=5)[0].astype("float32")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from keras_l2 import MlflowL2Logger, select_layers
-from tests.helpers import ROUTES, compile_route, data, mlp, weights
+from tests.helpers import ROUTES, compile_route, data, mlp, reset_keras, weights
 
 pytestmark = pytest.mark.deploy
 
@@ -61,10 +61,7 @@ CASES = [(route, "sgd") for route in ROUTES] + [("coupled", "adam"), ("decoupled
 @pytest.fixture(scope="module")
 def float32_runs():
     """Per (route, optimizer): the float32 weights, with lambda and without."""
-    # A module fixture runs before conftest's per-test reset, and Keras pins the
-    # dtype policy of the last test (float64 in many) until `clear_session`.
-    keras.utils.clear_session()
-    keras.config.set_floatx("float32")
+    reset_keras()  # module fixtures run before conftest's per-test reset
     return {case: (weights(_train(*case, policy="float32")), weights(_train(*case, policy="float32", l2=0.0)))
             for case in CASES}
 

@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 import pytest
 
 from keras_l2 import sweep
 from keras_l2.cli import main
+from tests.helpers import reset_keras
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDAS = (0.0, 0.03, 0.3, 3.0)
@@ -21,10 +21,7 @@ SEEDS = 2
 @pytest.fixture(scope="module")
 def short_sweep(tmp_path_factory):
     """A short sweep with fixed seeds, run once for the findings below."""
-    # A module fixture runs before conftest's per-test reset, and Keras pins the
-    # dtype policy of the last test (float64 in many) until `clear_session`.
-    keras.utils.clear_session()
-    keras.config.set_floatx("float32")
+    reset_keras()  # module fixtures run before conftest's per-test reset
     root = tmp_path_factory.mktemp("sweep")
     config = sweep.SweepConfig(
         lambdas=LAMBDAS, epochs=40, learning_rate=3e-3, seeds=SEEDS, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
