@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 import keras_l2
-from keras_l2.sweep import ROUTES, apply_route, build_model
+from keras_l2.sweep import ROUTES, all_digits, apply_route, build_model
 
 L2 = 1e-2
 LEARNING_RATE = 0.01
@@ -61,11 +61,7 @@ MODELS = {
 def dataset(workload: Workload, steps: int):
     examples = workload.batch * steps
     if workload.data == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        x = (bunch.data / 16.0).astype("float32")
-        y = np.eye(10, dtype="float32")[bunch.target]
+        x, y = all_digits()
         repeats = -(-examples // len(x))
         return np.tile(x, (repeats, 1))[:examples], np.tile(y, (repeats, 1))[:examples]
     rng = np.random.default_rng(0)

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 
 import keras_l2
-from keras_l2.sweep import apply_route
+from keras_l2.sweep import all_digits, apply_route
 
 MODELS = {
     # name: (layer widths, batch size, examples, epochs per fit)
@@ -76,11 +76,7 @@ class TimedLogger(keras_l2.MlflowL2Logger):
 def data(name: str):
     sizes, _, examples, _ = MODELS[name]
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = (digits.data / 16.0).astype("float32")
-        return x, np.eye(10, dtype="float32")[digits.target]
+        return all_digits()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(examples, sizes[0])).astype("float32")
     return x, np.eye(sizes[-1], dtype="float32")[rng.integers(0, sizes[-1], examples)]

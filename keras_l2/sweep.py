@@ -72,20 +72,25 @@ class SweepConfig:
 
 
 # ------------------------------------------------------------------ data
+def all_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 of scikit-learn's digits: pixels scaled to [0, 1] and one-hot labels, float32."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return (bunch.data / 16.0).astype("float32"), np.eye(10, dtype="float32")[bunch.target]
+
+
 def digits(train_size: int = 200, seed: int = 0) -> SweepData:
     """scikit-learn's bundled handwritten digits (8x8, 10 classes, 1797 images).
 
     A small training set (`train_size` images, stratified) and the rest as
     validation: small enough that a wide network overfits without L2.
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype("float32")
-    y = np.eye(10, dtype="float32")[bunch.target]
+    x, y = all_digits()
     x_train, x_val, y_train, y_val = train_test_split(
-        x, y, train_size=train_size, stratify=bunch.target, random_state=seed
+        x, y, train_size=train_size, stratify=y.argmax(axis=1), random_state=seed
     )
     return SweepData(x_train, y_train, x_val, y_val, name=f"digits (train {len(x_train)}, val {len(x_val)})")
 
