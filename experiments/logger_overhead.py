@@ -33,7 +33,7 @@ import keras
 import numpy as np
 
 import keras_l2
-from keras_l2.sweep import all_digits, apply_route
+from keras_l2.sweep import all_digits, apply_route, build_model
 
 MODELS = {
     # name: (layer widths, batch size, examples, epochs per fit)
@@ -83,11 +83,7 @@ def data(name: str):
 
 
 def build(sizes, route: str, n: int):
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((sizes[0],))]
-    layers += [keras.layers.Dense(width, activation="relu") for width in sizes[1:-1]]
-    layers.append(keras.layers.Dense(sizes[-1], activation="softmax"))
-    model = keras.Sequential(layers)
+    model = build_model(sizes[0], sizes[-1], tuple(sizes[1:-1]), seed=0)
     optimizer, loss = apply_route(model, route, keras.optimizers.Adam(1e-3), 1e-3, n, keras_l2.select_layers(model))
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     return model
