@@ -1,6 +1,6 @@
 """Does opening a brand-new MLflow SQLite store from several processes at once fail?
 
-One question: is the lock in `keras_l2.tracking_store.open_store` needed? For
+One question: is the lock in `keras_l2.tracking.store.open_store` needed? For
 each trial, N processes open the same new store at the same moment, once with a
 plain `mlflow.MlflowClient` and once through `open_store`, and each creates or
 finds an experiment and logs one run. Prints how many processes failed.
@@ -19,7 +19,7 @@ from pathlib import Path
 WORKER = """
 import sys
 import mlflow
-from keras_l2.tracking_store import TrackingStore, experiment_id, open_store
+from keras_l2.tracking.store import TrackingStore, experiment_id, open_store
 uri = "sqlite:///" + sys.argv[1] + "/mlflow.db"
 store = TrackingStore(tracking_uri=uri)
 client = open_store(store) if sys.argv[2] == "locked" else mlflow.MlflowClient(tracking_uri=uri)

@@ -12,15 +12,15 @@ the kernels of chosen Dense layers only:
 """
 
 from keras_l2 import l2_math
-from keras_l2.delivery import send_pending
 from keras_l2.loss import L2CategoricalCrossentropy
 from keras_l2.metrics import attach_l2_metrics, detach_l2_metrics
-from keras_l2.mlflow_logger import MlflowL2Logger
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import L2Regularizer, regularize
 from keras_l2.routes import L2Routes, l2_routes, set_l2
 from keras_l2.schedule import LambdaScheduler
 from keras_l2.selection import select_layers
+from keras_l2.tracking.callback import MlflowL2Logger
+from keras_l2.tracking.outbox import send_pending
 
 __version__ = "0.1.0"
 

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.command == "send-pending":
-        from keras_l2.delivery import send_pending
+        from keras_l2.tracking.outbox import send_pending
 
         left = send_pending(args.tracking_uri, spool_dir=args.spool_dir, timeout=args.timeout)
         print(f"{left} record(s) still pending.")
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         sweep.check_config(config)
         if config.data:
             sweep.load_npz(config.data)  # refuse bad data before any run is created
-        from keras_l2.tracking_store import resolve_store
+        from keras_l2.tracking.store import resolve_store
 
         resolve_store(config.tracking_uri)
     except ValueError as error:

@@ -25,10 +25,10 @@ import numpy as np
 
 from keras_l2._checks import check_l2
 from keras_l2.loss import L2CategoricalCrossentropy
-from keras_l2.mlflow_logger import MlflowL2Logger
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import regularize
 from keras_l2.selection import select_layers
+from keras_l2.tracking.callback import MlflowL2Logger
 
 ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -301,7 +301,7 @@ class _Progress(keras.callbacks.Callback):
 # ------------------------------------------------------------------ sweep
 def run_sweep(config: SweepConfig) -> dict:
     """Runs the sweep; returns {"parent_run_id", "results", "best", "plots", "table"}."""
-    from keras_l2.tracking_store import experiment_id, open_store, resolve_store
+    from keras_l2.tracking.store import experiment_id, open_store, resolve_store
 
     config = check_config(config)
     data = load_npz(config.data) if config.data else digits(config.train_size)

@@ -12,7 +12,11 @@ import keras_l2
 README = Path(__file__).resolve().parent.parent / "README.md"
 MODULES = ["keras_l2.l2_math", "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss",
            "keras_l2.optimizer", "keras_l2.routes", "keras_l2.schedule", "keras_l2.metrics",
-           "keras_l2.mlflow_names", "keras_l2.mlflow_logger", "keras_l2.delivery", "keras_l2.tracking_store"]
+           "keras_l2.tracking", "keras_l2.tracking.names", "keras_l2.tracking.callback", "keras_l2.tracking.outbox",
+           "keras_l2.tracking.store", "keras_l2.tracking.records", "keras_l2.tracking.spool",
+           "keras_l2.tracking.worker", "keras_l2.tracking.courier", "keras_l2.tracking.cadence",
+           "keras_l2.tracking.norms", "keras_l2.tracking.values", "keras_l2.tracking.settings",
+           "keras_l2.tracking.lifecycle"]
 
 
 def test_readme_example_runs():

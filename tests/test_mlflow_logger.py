@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_l2 import LambdaScheduler, MlflowL2Logger, select_layers
-from keras_l2.mlflow_names import sanitize, unique_keys
+from keras_l2.tracking.names import sanitize, unique_keys
 from tests.helpers import ROUTES, compile_route, data, mlp, reported_rtol, weights
 
 LAMBDA = 0.2

@@ -170,8 +170,8 @@ def test_server_down_from_the_start_trains_to_the_end_and_delivers_later(tmp_pat
 
 
 def test_replaying_a_spool_twice_creates_no_duplicates(tmp_path):
-    from keras_l2.delivery import Outbox
-    from keras_l2.tracking_store import TrackingStore
+    from keras_l2.tracking.outbox import Outbox
+    from keras_l2.tracking.store import TrackingStore
 
     port = free_port()
     store = TrackingStore(f"http://127.0.0.1:{port}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from keras_l2.tracking_store import check_tracking_uri, experiment_id, open_store, resolve_store
+from keras_l2.tracking.store import check_tracking_uri, experiment_id, open_store, resolve_store
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_processes_opening_a_new_store_at_once_lose_nothing(tmp_path):
     """MLflow's schema migration races on a brand-new SQLite store; the lock prevents it."""
     worker = textwrap.dedent(f"""
         import sys
-        from keras_l2.tracking_store import TrackingStore, experiment_id, open_store
+        from keras_l2.tracking.store import TrackingStore, experiment_id, open_store
         store = TrackingStore(tracking_uri="sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")
         client = open_store(store)
         eid = experiment_id(client, "race", store)

@@ -8,7 +8,7 @@ training starts, and distinct names are kept distinct.
 
 Example:
 
->>> from keras_l2.mlflow_names import sanitize, unique_keys
+>>> from keras_l2.tracking.names import sanitize, unique_keys
 >>> sanitize("weight_norm/dense(1)")
 'weight_norm/dense_1_'
 >>> unique_keys(["a b", "a?b", "a!b"])

@@ -17,7 +17,7 @@ on MLflow's schema migration and can leave it unusable (seen with MLflow
 Example:
 
 >>> import tempfile, os
->>> from keras_l2.tracking_store import resolve_store
+>>> from keras_l2.tracking.store import resolve_store
 >>> with tempfile.TemporaryDirectory() as root:
 ...     store = resolve_store(root=root, honour_user_uri=False)
 ...     store.embedded, store.tracking_uri.endswith(os.path.join("mlruns", "mlflow.db"))

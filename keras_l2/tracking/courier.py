@@ -1,0 +1,153 @@
+"""The parent side of the delivery process (`keras_l2.tracking.worker`): start it, talk to it, restart it.
+
+One process per request timeout serves every outbox of this process (a
+sweep's loggers share it; starting one means importing MLflow, about a
+second of CPU). It is started with `subprocess.Popen`, not `multiprocessing`,
+which would re-import the user's `__main__` (a script without an
+`if __name__ == "__main__":` guard would train again). MLflow's documented
+HTTP settings are set in its environment only:
+
+- `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0` and no backoff: the outbox retries, so
+  a dead server costs one short request, not MLflow's four minutes of retries;
+- `MLFLOW_HTTP_REQUEST_TIMEOUT`: the outbox's request timeout (whole seconds);
+- `MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`, `MLFLOW_ENABLE_ASYNC_LOGGING=false`.
+
+A process that dies, or does not answer within `reply_timeout(job)`, is
+killed; `call` raises `CourierError`, and the next call starts a new one.
+
+Example:
+
+>>> import tempfile
+>>> from keras_l2.tracking.courier import courier_for
+>>> with tempfile.TemporaryDirectory() as root:
+...     reply = courier_for(5.0).call({"job": 7, "store": {"tracking_uri": f"sqlite:///{root}/m.db"},
+...                                    "runs": {}, "records": []})
+>>> reply["job"], reply["done"]
+(7, 0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds keras_l2/
+_COURIERS: dict[int, Courier] = {}  # one per request timeout: the process-wide owner of the children
+_COURIERS_LOCK = threading.Lock()
+
+
+class CourierError(Exception):
+    """The delivery process died or did not answer; the job may be retried."""
+
+
+def courier_for(request_timeout: float) -> Courier:
+    """The shared `Courier` whose process bounds requests at `request_timeout` s (rounded up)."""
+    seconds = max(1, math.ceil(request_timeout))
+    with _COURIERS_LOCK:
+        courier = _COURIERS.get(seconds)
+        if courier is None or courier.owner_pid != os.getpid():  # a forked child needs its own
+            courier = _COURIERS[seconds] = Courier(seconds)
+        return courier
+
+
+class Courier:
+    """One delivery process and its pipes; `call` sends a job and returns the reply.
+
+    Args:
+        request_timeout: whole seconds one HTTP request may take in the process.
+    """
+
+    def __init__(self, request_timeout: int):
+        self.request_timeout = int(request_timeout)
+        self.owner_pid = os.getpid()
+        self._lock = threading.Lock()  # one job at a time on the pipe
+        self._process: subprocess.Popen | None = None
+        self._buffer = b""
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The delivery process's pid (None before the first call)."""
+        return None if self._process is None else self._process.pid
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        env.update(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+            MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0",
+            MLFLOW_HTTP_REQUEST_TIMEOUT=str(self.request_timeout),
+            MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER="false",
+            MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true",
+            MLFLOW_ENABLE_ASYNC_LOGGING="false",
+            PYTHONIOENCODING="utf-8",
+            PYTHONPATH=os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p),
+        )
+        return env
+
+    def start(self) -> None:
+        """Starts the process now if it is not running (`call` does so too)."""
+        with self._lock:
+            self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        if self._process is not None:
+            self.restarts += 1
+        self._buffer = b""
+        # Its own session: a Ctrl-C meant for training does not kill delivery; it ends when its input closes.
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "keras_l2.tracking.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=self.environment(), start_new_session=True,
+        )
+
+    def reply_timeout(self, job: dict) -> float:
+        """Seconds to wait for the reply to `job`: a start-up allowance plus two requests per record."""
+        return 60.0 + 2 * self.request_timeout * (len(job["records"]) + 1)
+
+    def call(self, job: dict) -> dict:
+        """Sends `job` to the delivery process and returns its reply; raises `CourierError`."""
+        with self._lock:
+            self._ensure_started()
+            process = self._process
+            try:
+                process.stdin.write(json.dumps(job, allow_nan=True).encode() + b"\n")
+                process.stdin.flush()
+                line = self._read_line(process, time.monotonic() + self.reply_timeout(job))
+                reply = json.loads(line)
+            except (OSError, ValueError, CourierError) as error:
+                self._kill(process)
+                raise CourierError(f"the delivery process {process.pid} failed ({error}); it is restarted") from None
+            if reply.get("job") != job["job"]:
+                self._kill(process)
+                raise CourierError(f"the delivery process answered job {reply.get('job')} for {job['job']}")
+            return reply
+
+    def _read_line(self, process, deadline: float) -> bytes:
+        fd = process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CourierError("no answer in time")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise CourierError(f"it exited with code {process.wait()}")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def _kill(self, process) -> None:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()

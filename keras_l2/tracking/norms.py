@@ -1,0 +1,48 @@
+"""`weight_norm/<layer>`: every Dense kernel's Frobenius norm, one compiled reader per model.
+
+Dispatching a dozen eager ops per log would cost more than computing them, so
+the norms are computed in one compiled call (`keras_l2.backend.norm_function`)
+and copied to the host once. A reader is kept per model and shared by the
+loggers of its fits: a logger per fit (a sweep, or `fit` in a loop) would
+otherwise trace anew each time, and TensorFlow warns about that after five.
+
+Example:
+
+>>> import keras
+>>> from keras_l2.tracking.norms import reader_for
+>>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, kernel_initializer="ones")])
+>>> reader = reader_for(model, [model.layers[0].kernel])
+>>> reader().round(6).tolist(), reader_for(model, [model.layers[0].kernel]) is reader
+([2.0], True)
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from keras_l2.tracking._backend_needs import norm_function
+
+
+class NormReader:
+    """`[||W||_F for W in kernels]` as a NumPy vector; pass `values` to read those instead of the live kernels."""
+
+    def __init__(self, kernels):
+        self.kernels = list(kernels)
+        self._fn = norm_function(self.kernels) if self.kernels else None
+
+    def __call__(self, values=None) -> np.ndarray:
+        return np.zeros((0,)) if self._fn is None else self._fn(values)
+
+
+# The owner of the readers is the model; a weak map lets them go with it.
+_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reader_for(model, kernels) -> NormReader:
+    """The model's reader, made anew when its kernels changed."""
+    reader = _READERS.get(model)
+    if reader is None or [id(k) for k in reader.kernels] != [id(k) for k in kernels]:
+        reader = _READERS[model] = NormReader(kernels)
+    return reader

@@ -1,0 +1,384 @@
+"""Getting tracking records into MLflow without ever stalling or failing training.
+
+With MLflow's default retry settings one call to an `mlflow server` that has
+gone down blocks for minutes and then raises, and its async logging drops
+what it could not send. `Outbox` instead:
+
+- takes records (run creation, metrics, params, tags, artifacts, run end) on
+  the training thread without any I/O, and hands them, in order, to a
+  delivery process (`keras_l2.tracking.worker`) that calls MLflow's public
+  client with short, unretried requests;
+- sends, each time the previous request is answered, everything that
+  gathered meanwhile: a run's metrics, params and tags go in one `log_batch`
+  within MLflow's limits (1000 metrics, 100 params, 100 tags), so delivery
+  keeps up with thousands of points a second and no fixed pacing delays it;
+- retries every `retry_interval` s while the store is down, keeping every
+  record in memory, and keeps a record until the delivery process says it
+  is settled: a process that dies is restarted and its records resent;
+- on `flush(timeout)` waits at most `timeout` s; what is still undelivered is
+  then also written to a spool file (`keras_l2.tracking.spool`) that a later
+  `Outbox` on the same store, or `send_pending`, delivers;
+- makes redelivery harmless: metrics keep the timestamp they were logged
+  with (MLflow stores a point once per key, step, timestamp and value), and a
+  run that may already exist is looked up by its `keras_l2.run_key` tag.
+
+It says once per outage what happened and where the records are (the
+`keras_l2` logger, which prints to stderr when logging is not configured).
+
+Example:
+
+>>> import tempfile
+>>> from keras_l2.tracking.outbox import Outbox
+>>> from keras_l2.tracking.store import resolve_store
+>>> with tempfile.TemporaryDirectory() as root:
+...     outbox = Outbox(resolve_store(root=root, honour_user_uri=False))
+...     run = outbox.create_run("demo", run_name="first")
+...     outbox.log(run, metrics={"loss": 0.5}, step=1, params={"l2.lambda": 0.1})
+...     outbox.end_run(run, "FINISHED")
+...     delivered = outbox.flush(timeout=60)
+...     _ = outbox.close()
+>>> delivered, outbox.pending()
+(True, 0)
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from pathlib import Path
+
+from keras_l2.tracking import spool
+from keras_l2.tracking.courier import CourierError, courier_for
+from keras_l2.tracking.records import (
+    MAX_METRICS,
+    MAX_PARAMS,
+    MAX_TAGS,
+    RUN_KEY_TAG,
+    Artifact,
+    CreateRun,
+    EndRun,
+    Log,
+    coalesce,
+    to_json,
+)
+from keras_l2.tracking.store import TrackingStore
+
+LOG = logging.getLogger("keras_l2")
+SPOOL_DIR = Path("mlruns") / "keras_l2_pending"
+_RECORDS_PER_JOB = 2000  # the most queued records one job to the delivery process covers
+_SPOOL_REWRITE_S = 1.0  # while spooled, the spool follows the queue at most this often
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # for the exit handler and `adopt_spool`: outboxes of this process
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Outbox:
+    """Delivers tracking records to one MLflow store through the delivery process.
+
+    Args:
+        store: where the records go (see `keras_l2.tracking.store`).
+        spool_dir: where records still undelivered at a `flush` timeout or at
+            process exit are saved. Defaults to `mlruns/keras_l2_pending/`
+            under the working directory.
+        request_timeout: seconds one request to a tracking server may take.
+        retry_interval: seconds between delivery attempts during an outage.
+    """
+
+    def __init__(self, store: TrackingStore, spool_dir: str | os.PathLike | None = None,
+                 request_timeout: float = 5.0, retry_interval: float = 2.0):
+        self.store = store
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else SPOOL_DIR.resolve()
+        self.request_timeout = float(request_timeout)
+        self.retry_interval = float(retry_interval)
+        self.spool_path = self.spool_dir / f"{uuid.uuid4().hex}{spool.SUFFIX}"
+        self.delivered = 0
+        self.cpu_seconds = 0.0  # CPU time of delivery: this process's delivery thread and the delivery process
+        self._courier = courier_for(self.request_timeout)
+        self._records: collections.deque = collections.deque()
+        self._runs: dict[str, str] = {}  # run key -> run id
+        self._exit_ends: dict[str, tuple[str, float]] = {}  # run key -> (status, wait) to end it with at exit
+        self._cond = threading.Condition()
+        self._jobs = itertools.count(1)
+        self._busy = self._closed = self._spooled = False
+        self._spool_written = 0.0
+        self._retry_at = 0.0
+        self._reported = 0  # how many undelivered records the user was last told about
+        self._outage: str | None = None  # the error, while the store is unreachable
+        self._thread = None  # runs only while there is something to deliver
+        _LIVE.add(self)
+
+    @property
+    def delivery_pid(self) -> int | None:
+        """The pid of the delivery process (None until it started)."""
+        return self._courier.pid
+
+    # ----------------------------------------------------------- training side
+    def create_run(self, experiment: str, run_name=None, tags=None, parent_run_id=None) -> str:
+        """Queues the creation of a run; returns its key for `log`/`end_run`."""
+        key = uuid.uuid4().hex
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        tags[RUN_KEY_TAG] = key
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self._put(CreateRun(key, experiment, run_name, tuple(tags.items()), _now_ms()))
+        return key
+
+    def use_run(self, run_id: str) -> str:
+        """Registers an existing run (e.g. the active one); returns its key."""
+        key = uuid.uuid4().hex
+        with self._cond:
+            self._runs[key] = run_id
+        return key
+
+    def run_id(self, key: str, timeout: float = 0.0) -> str | None:
+        """The id of run `key`, waiting up to `timeout` s for its creation."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._runs and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return self._runs.get(key)
+
+    def log(self, run: str, metrics=None, step: int = 0, params=None, tags=None) -> None:
+        """Queues metrics (at `step`, timestamped now), params and tags of run `run`."""
+        stamp = _now_ms()
+        metrics = [(str(k), float(v), stamp, int(step)) for k, v in (metrics or {}).items()]
+        params = [(str(k), str(v)) for k, v in (params or {}).items()]
+        tags = [(str(k), str(v)) for k, v in (tags or {}).items()]
+        # Split to MLflow's limits here; delivery merges what fits back together.
+        for name, items, limit in (("metrics", metrics, MAX_METRICS), ("params", params, MAX_PARAMS),
+                                   ("tags", tags, MAX_TAGS)):
+            for start in range(0, len(items), limit):
+                self._put(Log(run, **{name: tuple(items[start:start + limit])}))
+
+    def log_artifact(self, run: str, local_path, artifact_path: str | None = None) -> None:
+        """Queues uploading the file or directory `local_path` to run `run` (under `artifact_path`).
+
+        The file is read when the record is delivered (the spool keeps its path): keep it until then.
+        """
+        path = Path(local_path)
+        if not path.exists():
+            raise FileNotFoundError(f"`local_path` must be an existing file or directory. Received: "
+                                    f"local_path={str(local_path)!r}")
+        self._put(Artifact(run, str(path.resolve()), artifact_path))
+
+    def end_run(self, run: str, status: str = "FINISHED") -> None:
+        """Queues marking run `run` terminated with `status` (FINISHED, FAILED, KILLED)."""
+        allowed = ("FINISHED", "FAILED", "KILLED")
+        if status not in allowed:
+            raise ValueError(f"`status` must be one of {allowed}. Received: status={status!r}")
+        with self._cond:
+            self._exit_ends.pop(run, None)
+        self._put(EndRun(run, status, _now_ms()))
+
+    def end_at_exit(self, run: str, status: str = "FAILED", wait: float = 5.0) -> None:
+        """Ends run `run` with `status` when this process exits, unless `end_run` ends it first.
+
+        At exit the outbox then waits up to `wait` s for delivery before spooling what is left.
+        """
+        with self._cond:
+            self._exit_ends[run] = (status, float(wait))
+
+    def pending(self) -> int:
+        """How many records are not delivered yet."""
+        with self._cond:
+            return len(self._records)
+
+    def flush(self, timeout: float) -> bool:
+        """Waits up to `timeout` s for delivery; returns whether everything went.
+
+        On a timeout the undelivered records are saved to `spool_path` (and
+        stay queued: delivery goes on in the background while the process runs).
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            self._wake()
+            while (self._records or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            if not self._records:
+                return True
+            self._write_spool()
+            self._reported = len(self._records)
+            LOG.warning(
+                "keras_l2: %d MLflow record(s) for %s could not be delivered within %.1f s (%s). "
+                "They are saved in %s and will be sent when the store is reachable again: by this "
+                "process while it runs, by the next MlflowL2Logger that uses this store, or by "
+                "`keras_l2.send_pending()`.",
+                len(self._records), self.store.tracking_uri, timeout, self._outage or "still sending",
+                self.spool_path,
+            )
+            return False
+
+    def close(self, timeout: float = 0.0) -> bool:
+        """Flushes for up to `timeout` s, saves what is left, stops delivering."""
+        delivered = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        return delivered
+
+    # --------------------------------------------------------------- spooling
+    def adopt_spool(self) -> int:
+        """Queues the records other outboxes left for this store; returns how many."""
+        spool.remove_stale_temporaries(self.spool_dir)
+        adopted = 0
+        for path in spool.spool_files(self.spool_dir):
+            if path == self.spool_path or (claimed := spool.claim(path)) is None:
+                continue
+            head, records = spool.read(claimed)
+            if head.get("tracking_uri") != self.store.tracking_uri or _still_sending(head, path):
+                claimed.rename(path)
+                continue
+            with self._cond:
+                self._runs.update(head.get("runs", {}))
+                self._records.extend(records)
+                adopted += len(records)
+                self._write_spool()
+                self._wake()
+            claimed.unlink()
+        return adopted
+
+    def _write_spool(self) -> None:
+        """Mirrors the queue into the spool file (caller holds the lock)."""
+        self._spool_written = time.monotonic()
+        if self._records:
+            head = spool.header(self.store.tracking_uri, self.store.artifact_location, self._runs)
+            spool.write(self.spool_path, head, self._records)
+            self._spooled = True
+        elif self._spooled:
+            self.spool_path.unlink(missing_ok=True)
+            self._spooled = False
+
+    # --------------------------------------------------------- delivery side
+    def _put(self, record) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("This Outbox is closed.")
+            self._records.append(record)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Starts the delivery thread if it is not running (caller holds the lock)."""
+        if self._thread is None and self._records and not self._closed:
+            self._thread = threading.Thread(target=self._work, name="keras_l2-mlflow-outbox", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if self._spooled and time.monotonic() - self._spool_written > _SPOOL_REWRITE_S:
+                    self._write_spool()
+                if not self._records or self._closed:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                if time.monotonic() < self._retry_at:  # wait out an outage
+                    self._cond.wait(self._retry_at - time.monotonic())
+                    continue
+                job, spans = self._next_job()
+                self._busy = True
+            started = time.thread_time()
+            try:
+                reply = self._courier.call(job)
+            except CourierError as error:
+                reply = {"done": 0, "runs": {}, "refused": [], "error": str(error), "cpu": 0.0}
+            self.cpu_seconds += time.thread_time() - started + reply["cpu"]
+            with self._cond:
+                self._busy = False
+                self._settle(reply, sum(spans[:reply["done"]]))
+
+    def _next_job(self) -> tuple[dict, list[int]]:
+        """The queue's head, coalesced, as a job for the delivery process (caller holds the lock)."""
+        head = list(itertools.islice(self._records, _RECORDS_PER_JOB))
+        for index, record in enumerate(head):
+            if isinstance(record, CreateRun) and not record.attempted:
+                # Sent: from now on it may exist, even if no answer comes back.
+                self._records[index] = dataclasses.replace(record, attempted=True)
+        items = coalesce(head)
+        runs = {r.key: self._runs[r.key] for r, _ in items if r.key in self._runs}
+        job = {"job": next(self._jobs), "runs": runs, "records": [to_json(r) for r, _ in items],
+               "store": {"tracking_uri": self.store.tracking_uri, "artifact_location": self.store.artifact_location}}
+        return job, [count for _, count in items]
+
+    def _settle(self, reply: dict, settled: int) -> None:
+        """Drops the records the reply settled, notes run ids, reports refusals and outages (lock held)."""
+        for _ in range(settled):
+            self._records.popleft()
+        self._runs.update(reply["runs"])
+        for refused in reply["refused"]:
+            LOG.warning("keras_l2: MLflow refused a %r record for run %s: %s. It was dropped.",
+                        refused["op"], refused["run_id"], refused["error"])
+        self.delivered += settled - len(reply["refused"])
+        if reply["error"] is None:
+            if self._outage is not None:
+                LOG.warning("keras_l2: MLflow store %s is reachable again; delivering the buffered records.",
+                            self.store.tracking_uri)
+                self._outage = None
+        else:
+            if self._outage is None:
+                LOG.warning(
+                    "keras_l2: cannot reach the MLflow store %s (%s). Training goes on; every record "
+                    "is kept in memory and retried every %.0f s, and saved under %s if it is still "
+                    "undelivered when training ends.",
+                    self.store.tracking_uri, reply["error"], self.retry_interval, self.spool_dir,
+                )
+            self._outage = reply["error"]
+            self._retry_at = time.monotonic() + self.retry_interval
+        self._cond.notify_all()
+
+    def _at_exit(self) -> None:
+        """Ends the runs registered with `end_at_exit`, then saves what is still undelivered."""
+        with self._cond:
+            ends, self._exit_ends = dict(self._exit_ends), {}
+        for run, (status, _) in ends.items():
+            self._put(EndRun(run, status, _now_ms()))
+        if ends:
+            self.flush(max(wait for _, wait in ends.values()))
+        with self._cond:
+            self._closed = True  # the delivery thread dies with the interpreter: no spool writes from it
+            if self._records:
+                self._write_spool()
+                if len(self._records) != self._reported:
+                    LOG.warning("keras_l2: %d undelivered MLflow record(s) for %s saved in %s; "
+                                "`keras_l2.send_pending()` sends them.", len(self._records),
+                                self.store.tracking_uri, self.spool_path)
+
+
+def _still_sending(head: dict, path: Path) -> bool:
+    """Whether the outbox that wrote a spool file is alive and still delivering it."""
+    if head.get("pid") == os.getpid():
+        return any(o.spool_path == path and o._records and not o._closed for o in list(_LIVE))
+    return spool.pid_alive(head.get("pid"))
+
+
+def send_pending(tracking_uri: str | None = None, spool_dir=None, timeout: float = 30.0) -> int:
+    """Delivers records that earlier runs left in the spool; returns how many are still pending.
+
+    Args:
+        tracking_uri: the store whose records to send (resolved as
+            `MlflowL2Logger` resolves it; the embedded `mlruns/` by default).
+        spool_dir: where the records were saved (default `mlruns/keras_l2_pending/`).
+        timeout: seconds to wait for delivery.
+    """
+    from keras_l2.tracking.store import resolve_store
+
+    outbox = Outbox(resolve_store(tracking_uri), spool_dir=spool_dir)
+    outbox.adopt_spool()
+    outbox.close(timeout)
+    return outbox.pending()
+
+
+@atexit.register
+def _save_undelivered() -> None:
+    for outbox in list(_LIVE):
+        outbox._at_exit()
