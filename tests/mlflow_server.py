@@ -38,7 +38,9 @@ class MlflowServer:
         ]
         log = open(self.directory / "server.log", "ab")  # noqa: SIM115 - owned by the process
         # Its own process group: the server forks workers, and kill() must take them all.
-        self._process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        # No job runner: its half-dozen huey consumer processes take CPU the tests' training needs.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self._process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -15,12 +15,18 @@ from keras_l2.selection import all_layers
 from keras_l2.tracking._backend_needs import describe, jax_step_norms_at_begin, live_kernel_values
 from keras_l2.tracking.cadence import Cadence
 from keras_l2.tracking.lifecycle import TrackedRun
-from keras_l2.tracking.names import unique_keys
 from keras_l2.tracking.norms import reader_for
 from keras_l2.tracking.outbox import Outbox
 from keras_l2.tracking.settings import Settings
 from keras_l2.tracking.store import resolve_store
-from keras_l2.tracking.values import STEP_PREFIX, description_params, fit_params, keras_values, norm_metrics
+from keras_l2.tracking.values import (
+    STEP_PREFIX,
+    DenseKernels,
+    description_params,
+    fit_params,
+    keras_values,
+    norm_metrics,
+)
 
 LOG = logging.getLogger("keras_l2")
 
@@ -94,12 +100,12 @@ class MlflowL2Logger(keras.callbacks.Callback):
     started is marked FAILED on leaving a `with MlflowL2Logger(...)` block,
     at the logger's next `fit`, or at interpreter exit, whichever is first.
 
-    The tracking store never stalls or fails training: records are sent by
-    a delivery process (`keras_l2.tracking.outbox`); while the store is unreachable they are kept and
+    The tracking store never stalls or fails training: records are sent by a
+    delivery process; while the store is unreachable they are kept and
     retried; at train end the logger waits at most `max_delay` seconds, then
     saves what is left under `mlruns/keras_l2_pending/` and sends it later
-    (see `keras_l2.tracking.outbox`). Errors inside the logger are reported once and
-    never raised out of `fit`; bad arguments are refused here, before training.
+    (see `keras_l2.tracking.outbox`). Errors inside the logger are reported
+    once and never raised out of `fit`; bad arguments are refused here.
 
     Args:
         tracking_uri: the MLflow store; see above.
@@ -169,13 +175,6 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._step_norms_at_begin = self._cadence is not None and jax_step_norms_at_begin()
         self._norm_cadence = Cadence(log_every_n_steps) if self._step_norms_at_begin else None
         import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
-
-    def __getattr__(self, name):
-        # The old attribute names (`experiment_name`, `max_delay`, ...) read through to the settings.
-        settings = self.__dict__.get("settings")
-        if settings is not None and name in Settings.__dataclass_fields__:
-            return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ public
     @property
@@ -253,8 +252,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             epochs = (self.params or {}).get("epochs")
             self._outbox.log(self._run, params=fit_params(model, optimizer_chain(getattr(model, "optimizer", None)),
                                                           self._l2_params, epochs))
-        self._outbox.log(self._run, tags={f"l2.regularized/{key}": str(flag).lower()
-                                          for key, flag in zip(self._norm_keys, self._regularized, strict=True)})
+        self._outbox.log(self._run, tags=self._dense.tags())
         values = norm_metrics(self._norm_keys, self._norms())
         values["lambda"] = self._current_lambda(model)
         self._outbox.log(self._run, metrics=values, step=0)
@@ -346,17 +344,14 @@ class MlflowL2Logger(keras.callbacks.Callback):
     # ------------------------------------------------------------------ helpers
     def _describe(self, model):
         description = describe(model)  # raises if the routes disagree
-        dense = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dense) and layer.built]
-        self._kernels = [layer.kernel for layer in dense]
+        self._dense = DenseKernels.of(all_layers(model), description.chosen_kernel_ids)
+        self._kernels, self._norm_keys = self._dense.kernels, self._dense.keys
         self._norms = reader_for(model, self._kernels)
-        self._norm_keys = unique_keys(layer.name for layer in dense)
-        self._regularized = [id(k) in description.chosen_kernel_ids for k in self._kernels]
         if description.route == "none":
             LOG.warning("keras_l2: model %r uses no keras_l2 route; MlflowL2Logger logs it as an "
                         "unregularized baseline (l2.route=none, lambda 0, l2_penalty 0).", model.name)
         self._route = description.route
-        chosen = [layer.name for layer, flag in zip(dense, self._regularized, strict=True) if flag]
-        self._l2_params = description_params(description, chosen)
+        self._l2_params = description_params(description, self._dense.chosen_names)
 
     def _current_lambda(self, model) -> float:
         value = l2_routes(model).l2

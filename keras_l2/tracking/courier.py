@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -39,9 +41,30 @@ import threading
 import time
 from pathlib import Path
 
+from keras_l2.tracking.records import coalesce, to_json
+
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds keras_l2/
 _COURIERS: dict[int, Courier] = {}  # one per request timeout: the process-wide owner of the children
 _COURIERS_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """What became of the records of one `Courier.deliver` call.
+
+    Attributes:
+        settled: how many of the records, from the first, are done with (delivered or refused).
+        runs: run key -> id of the runs created.
+        refused: what the store refused for good (`op`, `key`, `run_id`, `error` each).
+        error: the outage that stopped delivery at record `settled` (None: all went).
+        cpu: CPU seconds the delivery process spent.
+    """
+
+    settled: int
+    runs: dict
+    refused: list
+    error: str | None
+    cpu: float
 
 
 class CourierError(Exception):
@@ -71,6 +94,7 @@ class Courier:
         self._lock = threading.Lock()  # one job at a time on the pipe
         self._process: subprocess.Popen | None = None
         self._buffer = b""
+        self._jobs = itertools.count(1)
         self.restarts = 0
 
     @property
@@ -113,6 +137,22 @@ class Courier:
     def reply_timeout(self, job: dict) -> float:
         """Seconds to wait for the reply to `job`: a start-up allowance plus two requests per record."""
         return 60.0 + 2 * self.request_timeout * (len(job["records"]) + 1)
+
+    def deliver(self, store, runs: dict, records: list) -> Reply:
+        """Delivers `records` (a run's consecutive logs merged into one `log_batch`) to `store`, in order.
+
+        `runs` maps the run keys the records name to their ids, where known.
+        """
+        items = coalesce(records)
+        job = {"job": next(self._jobs), "records": [to_json(r) for r, _ in items],
+               "runs": {r.key: runs[r.key] for r, _ in items if r.key in runs},
+               "store": {"tracking_uri": store.tracking_uri, "artifact_location": store.artifact_location}}
+        try:
+            reply = self.call(job)
+        except CourierError as error:
+            return Reply(0, {}, [], str(error), 0.0)
+        settled = sum(count for _, count in items[:reply["done"]])
+        return Reply(settled, reply["runs"], reply["refused"], reply["error"], reply["cpu"])
 
     def call(self, job: dict) -> dict:
         """Sends `job` to the delivery process and returns its reply; raises `CourierError`."""

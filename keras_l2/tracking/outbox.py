@@ -55,20 +55,8 @@ import uuid
 import weakref
 from pathlib import Path
 
-from keras_l2.tracking import spool
-from keras_l2.tracking.courier import CourierError, courier_for
-from keras_l2.tracking.records import (
-    MAX_METRICS,
-    MAX_PARAMS,
-    MAX_TAGS,
-    RUN_KEY_TAG,
-    Artifact,
-    CreateRun,
-    EndRun,
-    Log,
-    coalesce,
-    to_json,
-)
+from keras_l2.tracking import records, spool
+from keras_l2.tracking.courier import Reply, courier_for
 from keras_l2.tracking.store import TrackingStore
 
 LOG = logging.getLogger("keras_l2")
@@ -76,10 +64,6 @@ SPOOL_DIR = Path("mlruns") / "keras_l2_pending"
 _RECORDS_PER_JOB = 2000  # the most queued records one job to the delivery process covers
 _SPOOL_REWRITE_S = 1.0  # while spooled, the spool follows the queue at most this often
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # for the exit handler and `adopt_spool`: outboxes of this process
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Outbox:
@@ -108,7 +92,6 @@ class Outbox:
         self._runs: dict[str, str] = {}  # run key -> run id
         self._exit_ends: dict[str, tuple[str, float]] = {}  # run key -> (status, wait) to end it with at exit
         self._cond = threading.Condition()
-        self._jobs = itertools.count(1)
         self._busy = self._closed = self._spooled = False
         self._spool_written = 0.0
         self._retry_at = 0.0
@@ -125,13 +108,9 @@ class Outbox:
     # ----------------------------------------------------------- training side
     def create_run(self, experiment: str, run_name=None, tags=None, parent_run_id=None) -> str:
         """Queues the creation of a run; returns its key for `log`/`end_run`."""
-        key = uuid.uuid4().hex
-        tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        tags[RUN_KEY_TAG] = key
-        if parent_run_id is not None:
-            tags["mlflow.parentRunId"] = parent_run_id
-        self._put(CreateRun(key, experiment, run_name, tuple(tags.items()), _now_ms()))
-        return key
+        record = records.new_run(experiment, run_name, tags, parent_run_id)
+        self._put(record)
+        return record.key
 
     def use_run(self, run_id: str) -> str:
         """Registers an existing run (e.g. the active one); returns its key."""
@@ -150,15 +129,8 @@ class Outbox:
 
     def log(self, run: str, metrics=None, step: int = 0, params=None, tags=None) -> None:
         """Queues metrics (at `step`, timestamped now), params and tags of run `run`."""
-        stamp = _now_ms()
-        metrics = [(str(k), float(v), stamp, int(step)) for k, v in (metrics or {}).items()]
-        params = [(str(k), str(v)) for k, v in (params or {}).items()]
-        tags = [(str(k), str(v)) for k, v in (tags or {}).items()]
-        # Split to MLflow's limits here; delivery merges what fits back together.
-        for name, items, limit in (("metrics", metrics, MAX_METRICS), ("params", params, MAX_PARAMS),
-                                   ("tags", tags, MAX_TAGS)):
-            for start in range(0, len(items), limit):
-                self._put(Log(run, **{name: tuple(items[start:start + limit])}))
+        for record in records.logs(run, metrics, step, params, tags):
+            self._put(record)  # split to MLflow's limits here; delivery merges what fits back together
 
     def log_artifact(self, run: str, local_path, artifact_path: str | None = None) -> None:
         """Queues uploading the file or directory `local_path` to run `run` (under `artifact_path`).
@@ -169,7 +141,7 @@ class Outbox:
         if not path.exists():
             raise FileNotFoundError(f"`local_path` must be an existing file or directory. Received: "
                                     f"local_path={str(local_path)!r}")
-        self._put(Artifact(run, str(path.resolve()), artifact_path))
+        self._put(records.Artifact(run, str(path.resolve()), artifact_path))
 
     def end_run(self, run: str, status: str = "FINISHED") -> None:
         """Queues marking run `run` terminated with `status` (FINISHED, FAILED, KILLED)."""
@@ -178,7 +150,7 @@ class Outbox:
             raise ValueError(f"`status` must be one of {allowed}. Received: status={status!r}")
         with self._cond:
             self._exit_ends.pop(run, None)
-        self._put(EndRun(run, status, _now_ms()))
+        self._put(records.EndRun(run, status, records.now_ms()))
 
     def end_at_exit(self, run: str, status: str = "FAILED", wait: float = 5.0) -> None:
         """Ends run `run` with `status` when this process exits, unless `end_run` ends it first.
@@ -229,22 +201,14 @@ class Outbox:
     # --------------------------------------------------------------- spooling
     def adopt_spool(self) -> int:
         """Queues the records other outboxes left for this store; returns how many."""
-        spool.remove_stale_temporaries(self.spool_dir)
         adopted = 0
-        for path in spool.spool_files(self.spool_dir):
-            if path == self.spool_path or (claimed := spool.claim(path)) is None:
-                continue
-            head, records = spool.read(claimed)
-            if head.get("tracking_uri") != self.store.tracking_uri or _still_sending(head, path):
-                claimed.rename(path)
-                continue
+        for head, found in spool.adopt(self.spool_dir, self.store.tracking_uri, self.spool_path, _still_sending):
             with self._cond:
                 self._runs.update(head.get("runs", {}))
-                self._records.extend(records)
-                adopted += len(records)
+                self._records.extend(found)
+                adopted += len(found)
                 self._write_spool()
                 self._wake()
-            claimed.unlink()
         return adopted
 
     def _write_spool(self) -> None:
@@ -285,41 +249,29 @@ class Outbox:
                 if time.monotonic() < self._retry_at:  # wait out an outage
                     self._cond.wait(self._retry_at - time.monotonic())
                     continue
-                job, spans = self._next_job()
+                batch, runs = list(itertools.islice(self._records, _RECORDS_PER_JOB)), dict(self._runs)
+                for index, record in enumerate(batch):
+                    if isinstance(record, records.CreateRun) and not record.attempted:
+                        # Sent: from now on it may exist, even if no answer comes back.
+                        self._records[index] = dataclasses.replace(record, attempted=True)
                 self._busy = True
             started = time.thread_time()
-            try:
-                reply = self._courier.call(job)
-            except CourierError as error:
-                reply = {"done": 0, "runs": {}, "refused": [], "error": str(error), "cpu": 0.0}
-            self.cpu_seconds += time.thread_time() - started + reply["cpu"]
+            reply = self._courier.deliver(self.store, runs, batch)
+            self.cpu_seconds += time.thread_time() - started + reply.cpu
             with self._cond:
                 self._busy = False
-                self._settle(reply, sum(spans[:reply["done"]]))
+                self._settle(reply)
 
-    def _next_job(self) -> tuple[dict, list[int]]:
-        """The queue's head, coalesced, as a job for the delivery process (caller holds the lock)."""
-        head = list(itertools.islice(self._records, _RECORDS_PER_JOB))
-        for index, record in enumerate(head):
-            if isinstance(record, CreateRun) and not record.attempted:
-                # Sent: from now on it may exist, even if no answer comes back.
-                self._records[index] = dataclasses.replace(record, attempted=True)
-        items = coalesce(head)
-        runs = {r.key: self._runs[r.key] for r, _ in items if r.key in self._runs}
-        job = {"job": next(self._jobs), "runs": runs, "records": [to_json(r) for r, _ in items],
-               "store": {"tracking_uri": self.store.tracking_uri, "artifact_location": self.store.artifact_location}}
-        return job, [count for _, count in items]
-
-    def _settle(self, reply: dict, settled: int) -> None:
+    def _settle(self, reply: Reply) -> None:
         """Drops the records the reply settled, notes run ids, reports refusals and outages (lock held)."""
-        for _ in range(settled):
+        for _ in range(reply.settled):
             self._records.popleft()
-        self._runs.update(reply["runs"])
-        for refused in reply["refused"]:
+        self._runs.update(reply.runs)
+        for refused in reply.refused:
             LOG.warning("keras_l2: MLflow refused a %r record for run %s: %s. It was dropped.",
                         refused["op"], refused["run_id"], refused["error"])
-        self.delivered += settled - len(reply["refused"])
-        if reply["error"] is None:
+        self.delivered += reply.settled - len(reply.refused)
+        if reply.error is None:
             if self._outage is not None:
                 LOG.warning("keras_l2: MLflow store %s is reachable again; delivering the buffered records.",
                             self.store.tracking_uri)
@@ -330,9 +282,9 @@ class Outbox:
                     "keras_l2: cannot reach the MLflow store %s (%s). Training goes on; every record "
                     "is kept in memory and retried every %.0f s, and saved under %s if it is still "
                     "undelivered when training ends.",
-                    self.store.tracking_uri, reply["error"], self.retry_interval, self.spool_dir,
+                    self.store.tracking_uri, reply.error, self.retry_interval, self.spool_dir,
                 )
-            self._outage = reply["error"]
+            self._outage = reply.error
             self._retry_at = time.monotonic() + self.retry_interval
         self._cond.notify_all()
 
@@ -341,7 +293,7 @@ class Outbox:
         with self._cond:
             ends, self._exit_ends = dict(self._exit_ends), {}
         for run, (status, _) in ends.items():
-            self._put(EndRun(run, status, _now_ms()))
+            self._put(records.EndRun(run, status, records.now_ms()))
         if ends:
             self.flush(max(wait for _, wait in ends.values()))
         with self._cond:

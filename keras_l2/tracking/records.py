@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import time
+import uuid
 
 RUN_KEY_TAG = "keras_l2.run_key"  # the tag by which a run that may already exist is found
 # MLflow's limits for one log-batch request.
@@ -107,6 +109,31 @@ def from_json(data: dict) -> Record:
             items = value.items() if isinstance(value, dict) else value  # old spools wrote run tags as a dict
             fields[name] = tuple(tuple(item) for item in items)
     return kind(**fields)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_run(experiment: str, run_name=None, tags=None, parent_run_id=None) -> CreateRun:
+    """A `CreateRun` under a fresh key, tagged with it (and with its parent run, if any)."""
+    key = uuid.uuid4().hex
+    tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    tags[RUN_KEY_TAG] = key
+    if parent_run_id is not None:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return CreateRun(key, experiment, run_name, tuple(tags.items()), now_ms())
+
+
+def logs(run: str, metrics=None, step: int = 0, params=None, tags=None) -> list[Log]:
+    """`Log` records of metrics (at `step`, timestamped now), params and tags, split to MLflow's limits."""
+    stamp = now_ms()
+    items = {"metrics": [(str(k), float(v), stamp, int(step)) for k, v in (metrics or {}).items()],
+             "params": [(str(k), str(v)) for k, v in (params or {}).items()],
+             "tags": [(str(k), str(v)) for k, v in (tags or {}).items()]}
+    limits = {"metrics": MAX_METRICS, "params": MAX_PARAMS, "tags": MAX_TAGS}
+    return [Log(run, **{name: tuple(pairs[start:start + limits[name]])})
+            for name, pairs in items.items() for start in range(0, len(pairs), limits[name])]
 
 
 def coalesce(records) -> list[tuple[Record, int]]:

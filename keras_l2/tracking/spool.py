@@ -77,8 +77,22 @@ def claim(path: Path) -> Path | None:
     return claimed
 
 
-def spool_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+def adopt(folder: Path, tracking_uri: str, skip: Path, busy):
+    """Yields `(header, records)` of each spool file in `folder` for `tracking_uri`, claimed for the caller.
+
+    Skips `skip` and files for which `busy(header, path)` says their writer is still delivering them; a
+    file is deleted once the caller asks for the next. Stale temporaries are removed first.
+    """
+    remove_stale_temporaries(folder)
+    for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
+        if path == skip or (claimed := claim(path)) is None:
+            continue
+        head, records = read(claimed)
+        if head.get("tracking_uri") != tracking_uri or busy(head, path):
+            claimed.rename(path)
+            continue
+        yield head, records
+        claimed.unlink()
 
 
 def remove_stale_temporaries(folder: Path) -> int:

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import keras
@@ -18,7 +19,7 @@ import numpy as np
 from keras import ops
 
 from keras_l2.metrics import DATA_LOSS, PENALTY
-from keras_l2.tracking.names import sanitize
+from keras_l2.tracking.names import sanitize, unique_keys
 
 NORM_PREFIX = "weight_norm/"
 STEP_PREFIX = "step/"
@@ -73,3 +74,29 @@ def fit_params(model, optimizers, l2_params: dict, epochs=None) -> dict:
     if epochs is not None:
         params["fit.epochs"] = epochs
     return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseKernels:
+    """The built Dense layers of a model, their kernels, metric keys and whether a route chose each."""
+
+    layers: list
+    kernels: list
+    keys: list
+    regularized: list
+
+    @classmethod
+    def of(cls, layers, chosen_kernel_ids) -> DenseKernels:
+        dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense) and layer.built]
+        kernels = [layer.kernel for layer in dense]
+        return cls(dense, kernels, unique_keys(layer.name for layer in dense),
+                   [id(k) in chosen_kernel_ids for k in kernels])
+
+    @property
+    def chosen_names(self) -> list:
+        return [layer.name for layer, flag in zip(self.layers, self.regularized, strict=True) if flag]
+
+    def tags(self) -> dict:
+        """`l2.regularized/<layer>`: true or false for every Dense layer."""
+        return {f"l2.regularized/{key}": str(flag).lower() for key, flag in zip(self.keys, self.regularized,
+                                                                                    strict=True)}
