@@ -164,7 +164,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
                                  log_params, max_delay, verbose)
         self._cadence = None if log_every_n_steps is None else Cadence(log_every_n_steps)
         self._outbox = Outbox(self.store, spool_dir=spool_dir, request_timeout=self.settings.request_timeout)
-        self._outbox._courier.start()  # the delivery process starts (imports MLflow) while the model is built
+        self._outbox.prepare()  # the delivery process starts (imports MLflow) while the model is built
         self._tracked = TrackedRun(self._outbox, self.settings)
         self._spool_checked = False
         self._run = None  # the outbox's key for the run being logged to; None: not logging

@@ -95,6 +95,10 @@ class Courier:
         self._process: subprocess.Popen | None = None
         self._buffer = b""
         self._jobs = itertools.count(1)
+        self._warming: threading.Thread | None = None
+        self._local_lock = threading.Lock()
+        self._local = None  # a `worker.Deliverer` in this process, for local stores while the process starts
+        self.ready = threading.Event()  # set once the running process has answered
         self.restarts = 0
 
     @property
@@ -117,17 +121,13 @@ class Courier:
         )
         return env
 
-    def start(self) -> None:
-        """Starts the process now if it is not running (`call` does so too)."""
-        with self._lock:
-            self._ensure_started()
-
     def _ensure_started(self) -> None:
         if self._process is not None and self._process.poll() is None:
             return
         if self._process is not None:
             self.restarts += 1
         self._buffer = b""
+        self.ready.clear()
         # Its own session: a Ctrl-C meant for training does not kill delivery; it ends when its input closes.
         self._process = subprocess.Popen(
             [sys.executable, "-m", "keras_l2.tracking.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -138,21 +138,48 @@ class Courier:
         """Seconds to wait for the reply to `job`: a start-up allowance plus two requests per record."""
         return 60.0 + 2 * self.request_timeout * (len(job["records"]) + 1)
 
-    def deliver(self, store, runs: dict, records: list) -> Reply:
+    def warm(self, store, local: bool) -> None:
+        """Starts the process, if it is not ready, and has it open `store`, in the background.
+
+        `local`: a store without HTTP requests, opened here first (a new SQLite store gets its schema
+        from this process, which has imported MLflow already, while the delivery process still imports it).
+        """
+        with self._lock:
+            if self.ready.is_set() or (self._warming is not None and self._warming.is_alive()):
+                return
+            self._warming = threading.Thread(target=self._warm, args=(store, local), daemon=True,
+                                             name="keras_l2-delivery-start")
+            self._warming.start()
+
+    def _warm(self, store, local: bool) -> None:
+        if local:
+            self.deliver(store, {}, [], in_process=True)
+        self.deliver(store, {}, [])
+
+    def deliver(self, store, runs: dict, records: list, in_process: bool = False) -> Reply:
         """Delivers `records` (a run's consecutive logs merged into one `log_batch`) to `store`, in order.
 
-        `runs` maps the run keys the records name to their ids, where known.
+        `runs` maps the run keys the records name to their ids, where known. `in_process`: deliver
+        from this process (for a local store while the delivery process is still starting).
         """
         items = coalesce(records)
         job = {"job": next(self._jobs), "records": [to_json(r) for r, _ in items],
                "runs": {r.key: runs[r.key] for r, _ in items if r.key in runs},
                "store": {"tracking_uri": store.tracking_uri, "artifact_location": store.artifact_location}}
         try:
-            reply = self.call(job)
+            reply = self._in_process(job) if in_process else self.call(job)
         except CourierError as error:
             return Reply(0, {}, [], str(error), 0.0)
         settled = sum(count for _, count in items[:reply["done"]])
         return Reply(settled, reply["runs"], reply["refused"], reply["error"], reply["cpu"])
+
+    def _in_process(self, job: dict) -> dict:
+        with self._local_lock:
+            if self._local is None:
+                from keras_l2.tracking.worker import Deliverer
+
+                self._local = Deliverer()
+            return {**self._local.job(job), "cpu": 0.0}  # the caller's thread time counts it
 
     def call(self, job: dict) -> dict:
         """Sends `job` to the delivery process and returns its reply; raises `CourierError`."""
@@ -170,6 +197,7 @@ class Courier:
             if reply.get("job") != job["job"]:
                 self._kill(process)
                 raise CourierError(f"the delivery process answered job {reply.get('job')} for {job['job']}")
+            self.ready.set()
             return reply
 
     def _read_line(self, process, deadline: float) -> bytes:

@@ -88,6 +88,7 @@ class Outbox:
         self.delivered = 0
         self.cpu_seconds = 0.0  # CPU time of delivery: this process's delivery thread and the delivery process
         self._courier = courier_for(self.request_timeout)
+        self._local = not store.tracking_uri.startswith(("http:", "https:", "databricks"))  # no HTTP requests
         self._records: collections.deque = collections.deque()
         self._runs: dict[str, str] = {}  # run key -> run id
         self._exit_ends: dict[str, tuple[str, float]] = {}  # run key -> (status, wait) to end it with at exit
@@ -104,6 +105,14 @@ class Outbox:
     def delivery_pid(self) -> int | None:
         """The pid of the delivery process (None until it started)."""
         return self._courier.pid
+
+    def prepare(self) -> None:
+        """Starts the delivery process and opens the store in it now, in the background.
+
+        Starting means importing MLflow (and, for a new SQLite store, creating its schema): seconds
+        that otherwise fall on the first records. The logger calls this when it is created.
+        """
+        self._courier.warm(self.store, self._local)
 
     # ----------------------------------------------------------- training side
     def create_run(self, experiment: str, run_name=None, tags=None, parent_run_id=None) -> str:
@@ -255,8 +264,14 @@ class Outbox:
                         # Sent: from now on it may exist, even if no answer comes back.
                         self._records[index] = dataclasses.replace(record, attempted=True)
                 self._busy = True
+            # Until the delivery process is up (it imports MLflow: seconds), a local store is written from
+            # here, as a short script's records would otherwise wait for it; a server always waits, as
+            # only the delivery process bounds its requests.
+            in_process = self._local and not self._courier.ready.is_set()
+            if in_process:
+                self._courier.warm(self.store, self._local)
             started = time.thread_time()
-            reply = self._courier.deliver(self.store, runs, batch)
+            reply = self._courier.deliver(self.store, runs, batch, in_process=in_process)
             self.cpu_seconds += time.thread_time() - started + reply.cpu
             with self._cond:
                 self._busy = False

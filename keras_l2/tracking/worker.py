@@ -63,6 +63,11 @@ class Deliverer:
         runs = dict(job.get("runs", {}))
         created, refused, error, done = {}, [], None, 0
         started = time.thread_time()
+        try:
+            self._client(store)  # the first job opens the store (a new SQLite one gets its schema)
+        except Exception as caught:  # noqa: BLE001 - an outage like any other
+            return {"job": job["job"], "done": 0, "runs": {}, "refused": [], "error": short(caught),
+                    "cpu": time.thread_time() - started}
         for data in job["records"]:
             record = from_json(data)
             try:
