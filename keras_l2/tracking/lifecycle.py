@@ -15,11 +15,11 @@ Example:
 >>> with tempfile.TemporaryDirectory() as root:
 ...     outbox = Outbox(resolve_store(root=root, honour_user_uri=False))
 ...     run = TrackedRun(outbox, Settings(run_name="demo"))
-...     run.start()
+...     key = run.start()
 ...     owned, ended = run.owned, run.end("FINISHED")
 ...     delivered = outbox.flush(60)
->>> owned, ended, run.owned
-(True, True, False)
+>>> owned, ended, run.owned, delivered
+(True, True, False, True)
 """
 
 from __future__ import annotations

@@ -249,8 +249,8 @@ class Outbox:
     def _work(self) -> None:
         while True:
             with self._cond:
-                if self._spooled and time.monotonic() - self._spool_written > _SPOOL_REWRITE_S:
-                    self._write_spool()
+                if self._spooled and (not self._records or time.monotonic() - self._spool_written > _SPOOL_REWRITE_S):
+                    self._write_spool()  # follows the queue; gone once all is delivered
                 if not self._records or self._closed:
                     self._thread = None
                     self._cond.notify_all()
