@@ -96,6 +96,7 @@ class Courier:
         self._buffer = b""
         self._jobs = itertools.count(1)
         self._warming: threading.Thread | None = None
+        self._warm_lock = threading.Lock()
         self._local_lock = threading.Lock()
         self._local = None  # a `worker.Deliverer` in this process, for local stores while the process starts
         self.ready = threading.Event()  # set once the running process has answered
@@ -144,7 +145,7 @@ class Courier:
         `local`: a store without HTTP requests, opened here first (a new SQLite store gets its schema
         from this process, which has imported MLflow already, while the delivery process still imports it).
         """
-        with self._lock:
+        with self._warm_lock:  # not `_lock`, which a call holds for as long as the process takes to answer
             if self.ready.is_set() or (self._warming is not None and self._warming.is_alive()):
                 return
             self._warming = threading.Thread(target=self._warm, args=(store, local), daemon=True,
