@@ -10,9 +10,12 @@ import pytest
 import keras_l2
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-MODULES = ["keras_l2.l2_math", "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss",
-           "keras_l2.optimizer", "keras_l2.routes", "keras_l2.schedule", "keras_l2.metrics",
-           "keras_l2.mlflow_names", "keras_l2.mlflow_logger", "keras_l2.delivery", "keras_l2.tracking_store"]
+MODULES = [
+    "keras_l2.l2_math", "keras_l2.backend", "keras_l2.route", "keras_l2.inventory", "keras_l2.steps",
+    "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss", "keras_l2.optimizer", "keras_l2.routes",
+    "keras_l2.schedule", "keras_l2.metrics", "keras_l2.mlflow_names", "keras_l2.mlflow_logger", "keras_l2.delivery",
+    "keras_l2.tracking_store",
+]
 
 
 def test_readme_example_runs():
