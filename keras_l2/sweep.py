@@ -24,14 +24,10 @@ import keras
 import numpy as np
 
 from keras_l2._checks import check_l2
-from keras_l2.loss import L2CategoricalCrossentropy
-from keras_l2.optimizer import L2DecayOptimizer
-from keras_l2.regularizer import regularize
+from keras_l2.routes import OPTIMIZERS, ROUTES, apply_route, make_optimizer
 from keras_l2.selection import select_layers
 from keras_l2.tracking.callback import MlflowL2Logger
 
-ROUTES = ("regularizer", "loss", "coupled", "decoupled")
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
@@ -224,31 +220,12 @@ def build_model(inputs: int, classes: int, hidden: tuple, seed: int):
     return keras.Sequential(layers, name="sweep_mlp")
 
 
-def apply_route(model, route: str, optimizer, l2: float, n: int, layers) -> tuple:
-    """Puts L2 on `layers` through `route`; returns the `(optimizer, loss)` to compile with."""
-    loss = "categorical_crossentropy"
-    if route == "regularizer":
-        regularize(model, l2=l2, n=n, layers=layers)
-    elif route == "loss":
-        loss = L2CategoricalCrossentropy(l2=l2, n=n, layers=layers)
-    elif route in ("coupled", "decoupled"):
-        optimizer = L2DecayOptimizer(optimizer, l2=l2, n=n, layers=layers, mode=route)
-    else:
-        raise ValueError(f"Unknown route {route!r}; choose one of {', '.join(ROUTES)}")
-    return optimizer, loss
-
-
-def _optimizer(name: str, learning_rate: float):
-    return {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
-            "rmsprop": keras.optimizers.RMSprop}[name](learning_rate)
-
-
 def train_one(config: SweepConfig, data: SweepData, l2: float, seed: int, parent_run_id: str | None,
               store_uri: str, position: str = "") -> dict:
     """Trains one model with lambda `l2`; returns its per-epoch history and final norms."""
     model = build_model(data.x_train.shape[1], data.classes, tuple(config.hidden), seed)
     chosen = choose_layers(model, config.layers)
-    optimizer, loss = apply_route(model, config.route, _optimizer(config.optimizer, config.learning_rate), l2,
+    optimizer, loss = apply_route(model, config.route, make_optimizer(config.optimizer, config.learning_rate), l2,
                                   len(data.x_train), chosen)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     logger = MlflowL2Logger(

@@ -10,13 +10,15 @@ import pytest
 import keras_l2
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-MODULES = ["keras_l2.l2_math", "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss",
-           "keras_l2.optimizer", "keras_l2.routes", "keras_l2.schedule", "keras_l2.metrics",
-           "keras_l2.tracking", "keras_l2.tracking.names", "keras_l2.tracking.callback", "keras_l2.tracking.outbox",
-           "keras_l2.tracking.store", "keras_l2.tracking.records", "keras_l2.tracking.spool",
-           "keras_l2.tracking.worker", "keras_l2.tracking.courier", "keras_l2.tracking.cadence",
-           "keras_l2.tracking.norms", "keras_l2.tracking.values", "keras_l2.tracking.settings",
-           "keras_l2.tracking.lifecycle"]
+MODULES = [
+    "keras_l2.l2_math", "keras_l2.backend", "keras_l2.route", "keras_l2.inventory", "keras_l2.steps",
+    "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss", "keras_l2.optimizer", "keras_l2.routes",
+    "keras_l2.schedule", "keras_l2.metrics",
+    "keras_l2.tracking", "keras_l2.tracking.names", "keras_l2.tracking.callback", "keras_l2.tracking.outbox",
+    "keras_l2.tracking.store", "keras_l2.tracking.records", "keras_l2.tracking.spool", "keras_l2.tracking.worker",
+    "keras_l2.tracking.courier", "keras_l2.tracking.cadence", "keras_l2.tracking.norms", "keras_l2.tracking.values",
+    "keras_l2.tracking.settings", "keras_l2.tracking.lifecycle",
+]
 
 
 def test_readme_example_runs():

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import keras
 
-from keras_l2._distribution import is_chief
-from keras_l2._single_route import optimizer_chain
+from keras_l2 import backend
+from keras_l2.inventory import describe, l2_routes, optimizer_chain
 from keras_l2.metrics import attach_l2_metrics, detach_l2_metrics
-from keras_l2.routes import l2_routes
-from keras_l2.selection import all_layers
-from keras_l2.tracking._backend_needs import describe, jax_step_norms_at_begin, live_kernel_values
 from keras_l2.tracking.cadence import Cadence
 from keras_l2.tracking.lifecycle import TrackedRun
 from keras_l2.tracking.norms import reader_for
 from keras_l2.tracking.outbox import Outbox
 from keras_l2.tracking.settings import Settings
+from keras_l2.tracking.step_hooks import StepHooks, never_raises
 from keras_l2.tracking.store import resolve_store
 from keras_l2.tracking.values import (
-    STEP_PREFIX,
     DenseKernels,
     description_params,
     fit_params,
@@ -31,25 +27,7 @@ from keras_l2.tracking.values import (
 LOG = logging.getLogger("keras_l2")
 
 
-def _never_raises(hook):
-    """Tracking must never end a training run: report the error once, go on."""
-
-    @functools.wraps(hook)
-    def guarded(self, *args, **kwargs):
-        try:
-            return hook(self, *args, **kwargs)
-        except Exception as error:  # noqa: BLE001
-            if not self._reported_error:
-                self._reported_error = True
-                LOG.warning("keras_l2: MlflowL2Logger.%s failed (%s: %s); training goes on, "
-                            "tracking of this step is skipped.", hook.__name__, type(error).__name__, error,
-                            exc_info=LOG.isEnabledFor(logging.DEBUG))
-            return None
-
-    return guarded
-
-
-class MlflowL2Logger(keras.callbacks.Callback):
+class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
     """Logs lambda, the penalty, the data loss and every Dense kernel's norm to MLflow.
 
     Works with every keras_l2 route (regularizer, loss, optimizer in either
@@ -138,12 +116,6 @@ class MlflowL2Logger(keras.callbacks.Callback):
     """
 
 
-    # Keras dispatches batch ends on a worker thread (PyTorch, JAX) only if every
-    # callback either keeps Keras' default batch-end hooks or says it is safe to run
-    # that way. Ours is: without `log_every_n_steps` it returns at once, with it
-    # it only reads numbers and queues them. So a logger never makes steps wait.
-    async_safe = True
-
     def __init__(
         self,
         tracking_uri: str | None = None,
@@ -172,7 +144,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._in_fit = False
         self._reported_error = False
         # JAX: step norms are read when the next step begins (see `on_train_batch_begin`).
-        self._step_norms_at_begin = self._cadence is not None and jax_step_norms_at_begin()
+        self._step_norms_at_begin = self._cadence is not None and backend.step_reads_before_donation()
         self._norm_cadence = Cadence(log_every_n_steps) if self._step_norms_at_begin else None
         import mlflow  # noqa: F401 - here, once: importing it takes a second, not fit's time
 
@@ -239,10 +211,10 @@ class MlflowL2Logger(keras.callbacks.Callback):
             self._in_fit = False
             detach_l2_metrics(model)
             raise
-        if is_chief(model):  # one run per fit, not one per worker
+        if backend.is_chief(model):  # one run per fit, not one per worker
             self._start_run(model)
 
-    @_never_raises
+    @never_raises
     def _start_run(self, model):
         if not self._spool_checked:
             self._spool_checked = True
@@ -260,54 +232,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
             print(f"MlflowL2Logger: logging to {self.store.tracking_uri} (experiment "
                   f"{self.settings.experiment_name!r}, route {self._route}).")
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if self._cadence is not None:
-            self._epoch_start_step = self._cadence.highest
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._cadence is not None:
-            self._on_step_end(batch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self._step_norms_at_begin:
-            self._read_step_norms(batch, logs)
-
-    @_never_raises
-    def _on_step_end(self, batch, logs=None):
-        # Possibly on one of Keras' worker threads, possibly out of order.
-        if self._run is None:
-            return
-        step = self._epoch_start_step + batch + 1
-        if not self._cadence.take(step):
-            return
-        values = keras_values(logs or {})
-        if not self._step_norms_at_begin:
-            # Run asynchronously (PyTorch), the weights read here may be a step newer than `step`.
-            values.update(norm_metrics(self._norm_keys, self._norms(live_kernel_values(self._l2_model, self._kernels))))
-        values["lambda"] = self._current_lambda(self._l2_model)
-        self._outbox.log(self._run, metrics={STEP_PREFIX + key: v for key, v in values.items()}, step=step)
-
-    @_never_raises
-    def _read_step_norms(self, batch, logs=None):
-        """JAX: logs the norms of the last step if it is a logged one.
-
-        Between JAX steps the weights live in the trainer's state, which the next
-        step donates (deletes): read from Keras' worker thread they may already be
-        gone (under DataParallel, a segfault). So the norms of step s are read
-        when step s + 1 begins (a synchronous hook, before the donation), and the
-        last step's at epoch end.
-        """
-        if self._run is None:
-            return
-        self._log_step_norms(self._epoch_start_step + batch)
-
-    def _log_step_norms(self, step: int) -> None:
-        if not self._norm_cadence.take(step):
-            return
-        norms = norm_metrics(self._norm_keys, self._norms(live_kernel_values(self._l2_model, self._kernels)))
-        self._outbox.log(self._run, metrics={STEP_PREFIX + key: v for key, v in norms.items()}, step=step)
-
-    @_never_raises
+    @never_raises
     def on_epoch_end(self, epoch, logs=None):
         if self._run is None:
             return
@@ -332,7 +257,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         if not self._in_fit:
             detach_l2_metrics(self._l2_model)
 
-    @_never_raises
+    @never_raises
     def _finish(self):
         self.close("FINISHED")
         if self.settings.verbose and self._run is not None:
@@ -344,7 +269,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
     # ------------------------------------------------------------------ helpers
     def _describe(self, model):
         description = describe(model)  # raises if the routes disagree
-        self._dense = DenseKernels.of(all_layers(model), description.chosen_kernel_ids)
+        self._dense = DenseKernels.of(backend.all_layers(model), description.chosen_kernel_ids)
         self._kernels, self._norm_keys = self._dense.kernels, self._dense.keys
         self._norms = reader_for(model, self._kernels)
         if description.route == "none":

@@ -1,7 +1,7 @@
 """`weight_norm/<layer>`: every Dense kernel's Frobenius norm, one compiled reader per model.
 
 Dispatching a dozen eager ops per log would cost more than computing them, so
-the norms are computed in one compiled call (`keras_l2.backend.norm_function`)
+the norms are computed in one compiled call (`keras_l2.backend.CompiledRead`)
 and copied to the host once. A reader is kept per model and shared by the
 loggers of its fits: a logger per fit (a sweep, or `fit` in a loop) would
 otherwise trace anew each time, and TensorFlow warns about that after five.
@@ -21,8 +21,9 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
+from keras import ops
 
-from keras_l2.tracking._backend_needs import norm_function
+from keras_l2 import backend, l2_math
 
 
 class NormReader:
@@ -30,10 +31,11 @@ class NormReader:
 
     def __init__(self, kernels):
         self.kernels = list(kernels)
-        self._fn = norm_function(self.kernels) if self.kernels else None
+        self._read = backend.CompiledRead(lambda values: ops.stack(l2_math.kernel_norms(values)), self.kernels)
+        self._fn = self._read.compiled  # the compiled function (TensorFlow: its tracing count shows retraces)
 
     def __call__(self, values=None) -> np.ndarray:
-        return np.zeros((0,)) if self._fn is None else self._fn(values)
+        return self._read(values)
 
 
 # The owner of the readers is the model; a weak map lets them go with it.

@@ -1,26 +1,20 @@
 """Getting tracking records into MLflow without ever stalling or failing training.
 
-With MLflow's default retry settings one call to an `mlflow server` that has
-gone down blocks for minutes and then raises, and its async logging drops
-what it could not send. `Outbox` instead:
+With its default retries, MLflow's client blocks for minutes on a dead server
+and then raises; its async logging drops what it could not send. `Outbox`:
 
-- takes records (run creation, metrics, params, tags, artifacts, run end) on
-  the training thread without any I/O, and hands them, in order, to a
-  delivery process (`keras_l2.tracking.worker`) that calls MLflow's public
-  client with short, unretried requests;
-- sends, each time the previous request is answered, everything that
-  gathered meanwhile: a run's metrics, params and tags go in one `log_batch`
-  within MLflow's limits (1000 metrics, 100 params, 100 tags), so delivery
-  keeps up with thousands of points a second and no fixed pacing delays it;
-- retries every `retry_interval` s while the store is down, keeping every
-  record in memory, and keeps a record until the delivery process says it
-  is settled: a process that dies is restarted and its records resent;
-- on `flush(timeout)` waits at most `timeout` s; what is still undelivered is
-  then also written to a spool file (`keras_l2.tracking.spool`) that a later
-  `Outbox` on the same store, or `send_pending`, delivers;
-- makes redelivery harmless: metrics keep the timestamp they were logged
-  with (MLflow stores a point once per key, step, timestamp and value), and a
-  run that may already exist is looked up by its `keras_l2.run_key` tag.
+- takes records on the training thread without I/O and hands them, in order,
+  to the delivery process (`keras_l2.tracking.courier`), which makes short,
+  unretried requests through MLflow's public client;
+- sends, whenever the previous request is answered, all that gathered
+  meanwhile: a run's metrics, params and tags in one `log_batch` within
+  MLflow's limits, with no fixed pacing;
+- keeps every record until it is settled: during an outage it retries every
+  `retry_interval` s, and a delivery process that dies is restarted;
+- on `flush(timeout)` waits at most `timeout` s, then also saves what is left
+  in a spool file (`keras_l2.tracking.spool`) that a later `Outbox` on the same
+  store, or `send_pending`, delivers. Redelivery is harmless: a metric keeps its
+  timestamp, and a run that may exist is looked up by its `keras_l2.run_key` tag.
 
 It says once per outage what happened and where the records are (the
 `keras_l2` logger, which prints to stderr when logging is not configured).
@@ -43,27 +37,23 @@ Example:
 
 from __future__ import annotations
 
-import atexit
 import collections
 import dataclasses
 import itertools
-import logging
 import os
 import threading
 import time
 import uuid
-import weakref
 from pathlib import Path
 
-from keras_l2.tracking import records, spool
+from keras_l2.tracking import pending, records, spool
 from keras_l2.tracking.courier import Reply, courier_for
+from keras_l2.tracking.notices import Notices
 from keras_l2.tracking.store import TrackingStore
 
-LOG = logging.getLogger("keras_l2")
 SPOOL_DIR = Path("mlruns") / "keras_l2_pending"
 _RECORDS_PER_JOB = 2000  # the most queued records one job to the delivery process covers
 _SPOOL_REWRITE_S = 1.0  # while spooled, the spool follows the queue at most this often
-_LIVE: weakref.WeakSet = weakref.WeakSet()  # for the exit handler and `adopt_spool`: outboxes of this process
 
 
 class Outbox:
@@ -84,7 +74,7 @@ class Outbox:
         self.spool_dir = Path(spool_dir) if spool_dir is not None else SPOOL_DIR.resolve()
         self.request_timeout = float(request_timeout)
         self.retry_interval = float(retry_interval)
-        self.spool_path = self.spool_dir / f"{uuid.uuid4().hex}{spool.SUFFIX}"
+        self._spool = spool.Mirror(self.spool_dir / f"{uuid.uuid4().hex}{spool.SUFFIX}")
         self.delivered = 0
         self.cpu_seconds = 0.0  # CPU time of delivery: this process's delivery thread and the delivery process
         self._courier = courier_for(self.request_timeout)
@@ -93,13 +83,16 @@ class Outbox:
         self._runs: dict[str, str] = {}  # run key -> run id
         self._exit_ends: dict[str, tuple[str, float]] = {}  # run key -> (status, wait) to end it with at exit
         self._cond = threading.Condition()
-        self._busy = self._closed = self._spooled = False
-        self._spool_written = 0.0
+        self._busy = self._closed = False
         self._retry_at = 0.0
-        self._reported = 0  # how many undelivered records the user was last told about
-        self._outage: str | None = None  # the error, while the store is unreachable
+        self._notices = Notices(store.tracking_uri, self.spool_dir, self.retry_interval)
         self._thread = None  # runs only while there is something to deliver
-        _LIVE.add(self)
+        pending.register(self)
+
+    @property
+    def spool_path(self) -> Path:
+        """This outbox's spool file (it exists only while records wait there)."""
+        return self._spool.path
 
     @property
     def delivery_pid(self) -> int | None:
@@ -107,14 +100,9 @@ class Outbox:
         return self._courier.pid
 
     def prepare(self) -> None:
-        """Starts the delivery process and opens the store in it now, in the background.
-
-        Starting means importing MLflow (and, for a new SQLite store, creating its schema): seconds
-        that otherwise fall on the first records. The logger calls this when it is created.
-        """
+        """Starts the delivery process, which imports MLflow (seconds), and opens the store, in the background."""
         self._courier.warm(self.store, self._local)
 
-    # ----------------------------------------------------------- training side
     def create_run(self, experiment: str, run_name=None, tags=None, parent_run_id=None) -> str:
         """Queues the creation of a run; returns its key for `log`/`end_run`."""
         record = records.new_run(experiment, run_name, tags, parent_run_id)
@@ -188,15 +176,7 @@ class Outbox:
             if not self._records:
                 return True
             self._write_spool()
-            self._reported = len(self._records)
-            LOG.warning(
-                "keras_l2: %d MLflow record(s) for %s could not be delivered within %.1f s (%s). "
-                "They are saved in %s and will be sent when the store is reachable again: by this "
-                "process while it runs, by the next MlflowL2Logger that uses this store, or by "
-                "`keras_l2.send_pending()`.",
-                len(self._records), self.store.tracking_uri, timeout, self._outage or "still sending",
-                self.spool_path,
-            )
+            self._notices.spooled(len(self._records), timeout, self.spool_path)
             return False
 
     def close(self, timeout: float = 0.0) -> bool:
@@ -207,11 +187,10 @@ class Outbox:
             self._cond.notify_all()
         return delivered
 
-    # --------------------------------------------------------------- spooling
     def adopt_spool(self) -> int:
         """Queues the records other outboxes left for this store; returns how many."""
         adopted = 0
-        for head, found in spool.adopt(self.spool_dir, self.store.tracking_uri, self.spool_path, _still_sending):
+        for head, found in spool.adopt(self.spool_dir, self.store.tracking_uri, self.spool_path, pending.still_sending):
             with self._cond:
                 self._runs.update(head.get("runs", {}))
                 self._records.extend(found)
@@ -222,16 +201,9 @@ class Outbox:
 
     def _write_spool(self) -> None:
         """Mirrors the queue into the spool file (caller holds the lock)."""
-        self._spool_written = time.monotonic()
-        if self._records:
-            head = spool.header(self.store.tracking_uri, self.store.artifact_location, self._runs)
-            spool.write(self.spool_path, head, self._records)
-            self._spooled = True
-        elif self._spooled:
-            self.spool_path.unlink(missing_ok=True)
-            self._spooled = False
+        self._spool.update(spool.header(self.store.tracking_uri, self.store.artifact_location, self._runs),
+                           self._records)
 
-    # --------------------------------------------------------- delivery side
     def _put(self, record) -> None:
         with self._cond:
             if self._closed:
@@ -249,7 +221,7 @@ class Outbox:
     def _work(self) -> None:
         while True:
             with self._cond:
-                if self._spooled and (not self._records or time.monotonic() - self._spool_written > _SPOOL_REWRITE_S):
+                if self._spool.due(not self._records, _SPOOL_REWRITE_S):
                     self._write_spool()  # follows the queue; gone once all is delivered
                 if not self._records or self._closed:
                     self._thread = None
@@ -282,28 +254,21 @@ class Outbox:
         for _ in range(reply.settled):
             self._records.popleft()
         self._runs.update(reply.runs)
-        for refused in reply.refused:
-            LOG.warning("keras_l2: MLflow refused a %r record for run %s: %s. It was dropped.",
-                        refused["op"], refused["run_id"], refused["error"])
+        self._notices.refused(reply.refused)
         self.delivered += reply.settled - len(reply.refused)
         if reply.error is None:
-            if self._outage is not None:
-                LOG.warning("keras_l2: MLflow store %s is reachable again; delivering the buffered records.",
-                            self.store.tracking_uri)
-                self._outage = None
+            self._notices.delivered()
         else:
-            if self._outage is None:
-                LOG.warning(
-                    "keras_l2: cannot reach the MLflow store %s (%s). Training goes on; every record "
-                    "is kept in memory and retried every %.0f s, and saved under %s if it is still "
-                    "undelivered when training ends.",
-                    self.store.tracking_uri, reply.error, self.retry_interval, self.spool_dir,
-                )
-            self._outage = reply.error
+            self._notices.outage(reply.error)
             self._retry_at = time.monotonic() + self.retry_interval
         self._cond.notify_all()
 
-    def _at_exit(self) -> None:
+    def is_delivering(self, path: Path) -> bool:
+        """Whether this outbox still delivers the records of spool file `path`."""
+        with self._cond:
+            return path == self.spool_path and bool(self._records) and not self._closed
+
+    def at_exit(self) -> None:
         """Ends the runs registered with `end_at_exit`, then saves what is still undelivered."""
         with self._cond:
             ends, self._exit_ends = dict(self._exit_ends), {}
@@ -315,17 +280,7 @@ class Outbox:
             self._closed = True  # the delivery thread dies with the interpreter: no spool writes from it
             if self._records:
                 self._write_spool()
-                if len(self._records) != self._reported:
-                    LOG.warning("keras_l2: %d undelivered MLflow record(s) for %s saved in %s; "
-                                "`keras_l2.send_pending()` sends them.", len(self._records),
-                                self.store.tracking_uri, self.spool_path)
-
-
-def _still_sending(head: dict, path: Path) -> bool:
-    """Whether the outbox that wrote a spool file is alive and still delivering it."""
-    if head.get("pid") == os.getpid():
-        return any(o.spool_path == path and o._records and not o._closed for o in list(_LIVE))
-    return spool.pid_alive(head.get("pid"))
+                self._notices.saved_at_exit(len(self._records), self.spool_path)
 
 
 def send_pending(tracking_uri: str | None = None, spool_dir=None, timeout: float = 30.0) -> int:
@@ -343,9 +298,3 @@ def send_pending(tracking_uri: str | None = None, spool_dir=None, timeout: float
     outbox.adopt_spool()
     outbox.close(timeout)
     return outbox.pending()
-
-
-@atexit.register
-def _save_undelivered() -> None:
-    for outbox in list(_LIVE):
-        outbox._at_exit()

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -59,6 +60,29 @@ def write(path: Path, head: dict, records) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+class Mirror:
+    """The spool file of one outbox: written on demand, then kept following its queue until it empties."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.active = False  # whether the file exists and must follow the queue
+        self.written_at = 0.0
+
+    def update(self, head: dict, records) -> None:
+        """Rewrites the file with `records`, or removes it when there are none."""
+        self.written_at = time.monotonic()
+        if records:
+            write(self.path, head, records)
+            self.active = True
+        elif self.active:
+            self.path.unlink(missing_ok=True)
+            self.active = False
+
+    def due(self, empty: bool, every: float) -> bool:
+        """Whether the file should follow the queue now: it emptied, or `every` s passed."""
+        return self.active and (empty or time.monotonic() - self.written_at > every)
 
 
 def read(path: Path) -> tuple[dict, list[Record]]:

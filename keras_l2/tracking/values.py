@@ -18,6 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_l2 import backend
 from keras_l2.metrics import DATA_LOSS, PENALTY
 from keras_l2.tracking.names import sanitize, unique_keys
 
@@ -50,7 +51,7 @@ def description_params(description, chosen_layer_names) -> dict:
     """`l2.*` params: lambda, n, route, mode and the chosen layers."""
     return {
         "l2.lambda": 0.0 if description.l2 is None else description.l2,
-        "l2.n": ",".join(map(str, description.ns or (1,))),
+        "l2.n": ",".join(map(str, description.ns)),
         "l2.route": description.route,
         "l2.mode": description.mode,
         "l2.layers": ",".join(chosen_layer_names),
@@ -70,7 +71,7 @@ def fit_params(model, optimizers, l2_params: dict, epochs=None) -> dict:
             params[f"optimizer.{sanitize(key)}"] = value if simple else json.dumps(value, default=str)
     params["model.params"] = model.count_params()
     params["model.trainable_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    params["keras.backend"] = keras.backend.backend()
+    params["keras.backend"] = backend.name()
     if epochs is not None:
         params["fit.epochs"] = epochs
     return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
