@@ -211,15 +211,19 @@ def test_batch_hooks_are_methods_and_never_block_keras_async_dispatch():
 
 
 def test_the_delivery_process_imports_neither_keras_nor_tensorflow(tmp_path):
-    job = {"job": 1, "store": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}, "runs": {}, "records": []}
-    script = textwrap.dedent("""
-        import runpy, sys
+    from keras_l2.tracking.courier import BOOTSTRAP
+
+    job = {"job": 1, "store": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}, "runs": {}, "records": [
+        {"op": "run", "key": "k", "experiment": "e", "run_name": None, "tags": [], "start_time": 1}]}
+    script = BOOTSTRAP + textwrap.dedent("""
+        import sys
         import keras_l2.tracking.outbox  # what the training side imports for delivery
-        runpy.run_module("keras_l2.tracking.worker", run_name="__main__")  # serves stdin until it closes
+        from keras_l2.tracking.worker import main
+        main()  # the delivery process's loop: serves stdin until it closes
         print("HEAVY", sorted(m for m in ("keras", "tensorflow", "jax", "torch") if m in sys.modules), file=sys.stderr)
     """)
     done = subprocess.run([sys.executable, "-c", script], input=json.dumps(job) + "\n", capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["done"] == 0
+    assert json.loads(done.stdout)["done"] == 1  # it delivered: MLflow was imported, Keras was not
     assert "HEAVY []" in done.stderr

@@ -2,7 +2,7 @@
 
 One process per request timeout serves every outbox of this process (a
 sweep's loggers share it; starting one means importing MLflow, about a
-second of CPU). It is started with `subprocess.Popen`, not `multiprocessing`,
+second of CPU). It is started with `subprocess.Popen` (see `BOOTSTRAP`), not `multiprocessing`,
 which would re-import the user's `__main__` (a script without an
 `if __name__ == "__main__":` guard would train again). MLflow's documented
 HTTP settings are set in its environment only:
@@ -44,6 +44,16 @@ from pathlib import Path
 from keras_l2.tracking.records import coalesce, to_json
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds keras_l2/
+# The delivery process must not import Keras or TensorFlow (seconds, and a GB). `keras_l2/__init__.py`
+# imports Keras, so the process loads `keras_l2` as a bare package (its __init__ not run) and imports
+# only `keras_l2.tracking`, whose own __init__ imports nothing. With a lazy `keras_l2/__init__.py`,
+# `python -m keras_l2.tracking.worker` would do the same.
+BOOTSTRAP = (
+    "import sys, types\n"
+    "package = types.ModuleType('keras_l2')\n"
+    f"package.__path__ = [{str(Path(_PACKAGE_ROOT) / 'keras_l2')!r}]\n"
+    "sys.modules.setdefault('keras_l2', package)\n"
+)
 _COURIERS: dict[int, Courier] = {}  # one per request timeout: the process-wide owner of the children
 _COURIERS_LOCK = threading.Lock()
 
@@ -131,7 +141,8 @@ class Courier:
         self.ready.clear()
         # Its own session: a Ctrl-C meant for training does not kill delivery; it ends when its input closes.
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "keras_l2.tracking.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-c", BOOTSTRAP + "from keras_l2.tracking.worker import main\nmain()\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=self.environment(), start_new_session=True,
         )
 
