@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_l2  # noqa: E402
-from keras_l2 import sweep  # noqa: E402
+from keras_l2 import search as sweep  # noqa: E402
 
 ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 
