@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import textwrap
 import time
 
@@ -12,10 +13,26 @@ import pytest
 
 from keras_l2.cli import main
 from keras_l2.search import SweepConfig, prepare_sweep, run_sweep
+from keras_l2.tracking_store import TrackingStore, open_store
 from tests.mlflow_server import MlflowServer, free_port
 
 LAMBDAS = (0.0, 1.0)
 CHOSEN = ("wide", "narrow")
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """A SQLite store with MLflow's schema, made once: creating one takes seconds."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    open_store(TrackingStore(f"sqlite:///{path}"))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_store) -> str:
+    """A fresh copy of the empty store in this test's directory (where `config` points)."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def user_model(inputs: int = 8, classes: int = 3):
@@ -61,14 +78,14 @@ def check_user_sweep(store: str, parent_id: str, table: str, by_lambda: dict) ->
     assert header.split("|W|_F")[1:] == [" wide*    ", " narrow*       ", " head"], header
 
 
-def test_sweep_of_a_users_functional_model_through_the_library(tmp_path):
+def test_sweep_of_a_users_functional_model_through_the_library(tmp_path, store):
     result = run_sweep(config(tmp_path), model=user_model, data=user_data())
-    check_user_sweep(config(tmp_path).tracking_uri, result["parent_run_id"], result["table"], result["by_lambda"])
-    parent = mlflow.MlflowClient(config(tmp_path).tracking_uri).get_run(result["parent_run_id"])
+    check_user_sweep(store, result["parent_run_id"], result["table"], result["by_lambda"])
+    parent = mlflow.MlflowClient(store).get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["sweep.model"] == "user_model"
 
 
-def test_sweep_of_a_users_model_through_the_command_line(tmp_path, monkeypatch, capsys):
+def test_sweep_of_a_users_model_through_the_command_line(tmp_path, store, monkeypatch, capsys):
     module = f"models_{tmp_path.name}"  # a fresh module name: not one an earlier test imported
     (tmp_path / f"{module}.py").write_text(textwrap.dedent('''
         import keras
@@ -82,7 +99,6 @@ def test_sweep_of_a_users_model_through_the_command_line(tmp_path, monkeypatch, 
     '''))
     np.savez(tmp_path / "data.npz", **dict(zip(("x_train", "y_train", "x_val", "y_val"), user_data(), strict=True)))
     monkeypatch.chdir(tmp_path)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["sweep", "--model", f"{module}:build", "--data", "data.npz", "--layers", "wide,narrow",
                  "--lambdas", "0,1", "--epochs", "3", "--batch-size", "16", "--learning-rate", "0.01",
                  "--tracking-uri", store, "--results-dir", "results"]) == 0
@@ -95,14 +111,14 @@ def test_sweep_of_a_users_model_through_the_command_line(tmp_path, monkeypatch, 
     check_user_sweep(store, parent_id, table, by_lambda)
 
 
-def test_a_tf_data_sweep_takes_n_from_the_dataset(tmp_path):
+def test_a_tf_data_sweep_takes_n_from_the_dataset(tmp_path, store):
     import tensorflow as tf
 
     x_train, y_train, x_val, y_val = user_data(examples=60)
     train = tf.data.Dataset.from_tensor_slices((x_train, np.eye(3, dtype="float32")[y_train])).batch(16)
     val = tf.data.Dataset.from_tensor_slices((x_val, np.eye(3, dtype="float32")[y_val])).batch(16)
     result = run_sweep(config(tmp_path, lambdas=(0.5,), epochs=1), model=user_model, data=(train, val))
-    (run,) = children(config(tmp_path).tracking_uri, result["parent_run_id"])
+    (run,) = children(store, result["parent_run_id"])
     assert run.data.params["l2.n"] == "60"  # 3 full batches and one of 12
 
     with pytest.raises(ValueError, match="cardinality is unknown.*assert_cardinality"):
@@ -188,9 +204,9 @@ class KillServerAtLastRunEnd(keras.callbacks.Callback):
             self.killed_at = time.monotonic()
 
 
-def test_a_server_killed_at_the_end_costs_at_most_max_delay_and_the_parent_is_spooled(tmp_path):
+def test_a_server_killed_at_the_end_costs_at_most_max_delay_and_the_parent_is_spooled(tmp_path, store):
     max_delay = 2.0
-    with MlflowServer(tmp_path / "server") as server:
+    with MlflowServer(tmp_path / "server", store=store) as server:
         kill = KillServerAtLastRunEnd(server, runs=len(LAMBDAS))
         result = run_sweep(config(tmp_path, tracking_uri=server.uri, max_delay=max_delay), model=user_model,
                            data=user_data(), callbacks=[kill])
