@@ -5,6 +5,7 @@ import re
 import shutil
 import textwrap
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -221,3 +222,20 @@ def test_a_server_killed_at_the_end_costs_at_most_max_delay_and_the_parent_is_sp
     assert {op["op"] for op in ops if op["key"] == parent_key} == {"log", "end"}
     assert any(name == "best_lambda" for op in ops for name, *_ in op.get("metrics", ()))
     assert [op["status"] for op in ops if op["op"] == "end"] == ["FINISHED"]
+
+
+def test_readme_user_model_example_runs(tmp_path, empty_store, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "run_sweep" in b]
+    assert "epochs=30" in block
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(empty_store, tmp_path / "mlruns" / "mlflow.db")  # the embedded store, schema made
+    namespace: dict = {}
+    exec(compile(block.replace("epochs=30", "epochs=1"), "README.md", "exec"), namespace)  # as written, 1 epoch
+    result = namespace["result"]
+    assert [r["l2"] for r in result["results"]] == [0.0, 0.1, 1.0]
+    assert result["results"][0]["chosen"] == ["features", "mixer"]
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
