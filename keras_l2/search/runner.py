@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from keras_l2.search.report import draw_plots, summarize
 from keras_l2.search.training import RunPlan, train_one
 from keras_l2.tracking_store import TrackingStore, open_store, resolve_store
 
+LOG = logging.getLogger("keras_l2")
 PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer before the sweep is refused
 PARENT_TIMEOUT = 60.0  # seconds to wait for the parent run's id (a busy SQLite store is slow, not down)
 
@@ -159,7 +161,9 @@ def _parent_params(config: SweepConfig, data, model) -> dict:
 
 
 @contextlib.contextmanager
-def _environment(**values):
+def _one_short_request(timeout: float):
+    """MLflow client calls inside make one try with a `timeout`: its default retries wait minutes on a dead server."""
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{max(1.0, timeout):g}"}
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -177,8 +181,7 @@ def _check_reachable(store) -> None:
     if not store.tracking_uri.startswith(("http://", "https://")):
         open_store(store)
         return
-    # MLflow's default retries would wait minutes on a server that is down: one try, a short timeout.
-    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=f"{PROBE_TIMEOUT:g}"):
+    with _one_short_request(PROBE_TIMEOUT):
         try:
             open_store(store).search_experiments(max_results=1)
         except Exception as error:  # noqa: BLE001 - any failure to answer means the same to the user
@@ -192,12 +195,18 @@ def _end_parent(outbox, parent: str, plots: list, status: str, max_delay: float)
     delivered = outbox.flush(max_delay)
     if delivered and plots:
         # TODO(tracking): log_artifact through the outbox once it has one; until then the plots go
-        # through a client, and only while the store answers.
+        # through a client, only while the store answers, and a failure leaves them on disk only.
         import mlflow
 
         client = mlflow.MlflowClient(outbox.store.tracking_uri)
-        for path in plots:
-            client.log_artifact(outbox.run_id(parent), str(path), artifact_path="plots")
+        try:
+            with _one_short_request(max_delay):
+                for path in plots:
+                    client.log_artifact(outbox.run_id(parent), str(path), artifact_path="plots")
+        except Exception as error:  # noqa: BLE001 - the sweep is done; its plots are in results_dir
+            LOG.warning("keras_l2: the sweep's plots were not attached to its parent run (%s); they are in %s.",
+                        str(error).splitlines()[0][:200] if str(error) else type(error).__name__,
+                        plots[0].parent)
     outbox.end_run(parent, status)
     outbox.close(max_delay if delivered else 0.0)
 
