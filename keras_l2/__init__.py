@@ -13,28 +13,35 @@ the kernels of chosen Dense layers only:
 
 from keras_l2 import l2_math
 from keras_l2.delivery import send_pending
+from keras_l2.inventory import L2Routes, l2_routes
 from keras_l2.loss import L2CategoricalCrossentropy
 from keras_l2.metrics import attach_l2_metrics, detach_l2_metrics
 from keras_l2.mlflow_logger import MlflowL2Logger
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import L2Regularizer, regularize
-from keras_l2.routes import L2Routes, l2_routes, set_l2
+from keras_l2.route import L2Route
+from keras_l2.routes import OPTIMIZERS, ROUTES, apply_route, make_optimizer, set_l2
 from keras_l2.schedule import LambdaScheduler
 from keras_l2.selection import select_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OPTIMIZERS",
+    "ROUTES",
     "L2CategoricalCrossentropy",
     "L2DecayOptimizer",
     "L2Regularizer",
+    "L2Route",
     "L2Routes",
     "LambdaScheduler",
     "MlflowL2Logger",
+    "apply_route",
     "attach_l2_metrics",
     "detach_l2_metrics",
     "l2_math",
     "l2_routes",
+    "make_optimizer",
     "regularize",
     "select_layers",
     "send_pending",

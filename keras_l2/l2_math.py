@@ -1,6 +1,6 @@
 """The L2 math of keras_l2, in one place: every route and callback calls it.
 
-Conventions (see MATH.md in the project's shared notes):
+Conventions (the math contract, `docs/math.md`):
 
     ||W||_F^2   = sum_ij w_ij^2                 (squared Frobenius norm)
     P(W)        = (l2 / n) * sum_l ||W_l||_F^2   (the penalty)
@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import keras
 from keras import ops
+
+from keras_l2 import backend
 
 
 def _as_dtype(value, dtype):
@@ -42,18 +43,6 @@ def _as_dtype(value, dtype):
     if isinstance(value, (int, float)):
         return ops.convert_to_tensor(value, dtype=dtype)
     return ops.cast(value, dtype)
-
-
-def _read(kernel):
-    """The kernel's value as a plain tensor, still differentiable."""
-    value = ops.convert_to_tensor(kernel)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        # Keras hands back the tf.Variable itself; a custom gradient must see a
-        # read of it, or eager TensorFlow refuses the function.
-        value = tf.convert_to_tensor(value)
-    return value
 
 
 def penalty_coefficient(l2, n):
@@ -143,7 +132,7 @@ def penalty(kernels: Sequence, l2, n, dtype=None):
     grad_scale = gradient_coefficient(l2, n)
     terms = []
     for kernel in kernels:
-        w = _read(kernel)
+        w = backend.differentiable_read(kernel)
         term = _scaled_squared_norm(w, value_scale, grad_scale)
         terms.append(term if dtype is None else ops.cast(term, dtype))
     total = terms[0]

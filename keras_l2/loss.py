@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import keras
 
-from keras_l2 import l2_math
+from keras_l2 import backend, l2_math
 from keras_l2._checks import LambdaAttribute, check_n
-from keras_l2._distribution import per_replica
-from keras_l2._single_route import check_single_route
+from keras_l2.inventory import check_single_route
+from keras_l2.route import L2Route
 from keras_l2.selection import check_in_model, check_unique_names, layers_or_names, select_layers
 
 
 @keras.saving.register_keras_serializable(package="keras_l2")
-class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
+class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy, L2Route):
     """Categorical cross-entropy plus the L2 penalty of the chosen kernels.
 
     The note's regularized loss, with the penalty over *all* chosen weight
@@ -55,6 +54,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
     >>> model.compile(optimizer="sgd", loss=loss)
     """
 
+    kind = "loss"
     l2 = LambdaAttribute()
 
     def __init__(self, l2: float = 0.01, n: int = 1, layers=None, name="l2_categorical_crossentropy", **kwargs):
@@ -72,6 +72,13 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
     @property
     def layer_names(self) -> tuple:
         return self._layer_names
+
+    def kernels(self, model) -> list:
+        # A loss restored from a config knows its layers by name until bound.
+        return [layer.kernel for layer in (self.layers or self.bind(model).layers)]
+
+    def covers(self, kernel) -> bool:
+        return any(layer.kernel is kernel for layer in self.layers)
 
     def bind(self, model) -> L2CategoricalCrossentropy:
         """Resolves the chosen layers against `model` and checks they are its own.
@@ -104,7 +111,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        model = _calling_model(self)
+        model = backend.calling_model(self)
         if model is not None and _binding_key(model) != self._checked_model:
             # Checked on every trace, not once: the same loss object compiled
             # into a second model, or recompiled beside an L2DecayOptimizer,
@@ -112,7 +119,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
             self.bind(model)
         value = self.data_loss(y_true, y_pred, sample_weight=sample_weight)
         # Keras' reduction already divided the data term by the replica count.
-        return keras.ops.add(value, per_replica(self.penalty(dtype=value.dtype)))
+        return keras.ops.add(value, backend.per_replica(self.penalty(dtype=value.dtype)))
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -129,27 +136,3 @@ def _binding_key(model) -> tuple:
     """
     optimizer = getattr(model, "optimizer", None)
     return weakref.ref(model), None if optimizer is None else weakref.ref(optimizer)
-
-
-def _calling_model(loss):
-    """The model whose compiled loss `loss` is, found among the callers.
-
-    Keras hands a loss no reference to its model, and a loss restored from a
-    config only knows its layers by name. `Trainer.compute_loss` is on the
-    stack whenever Keras calls a compiled loss, with `self` the model. Only
-    frame names are read on the way up, so this stays cheap; under
-    `tf.function` and `jax.jit` it runs only while tracing.
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name == "compute_loss":
-                candidate = frame.f_locals.get("self")
-                if isinstance(candidate, keras.Model) and any(
-                    item is loss for item in keras.tree.flatten(getattr(candidate, "loss", None))
-                ):
-                    return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None

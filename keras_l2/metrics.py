@@ -34,17 +34,15 @@ Example:
 
 from __future__ import annotations
 
-import collections
-
 import keras
 from keras import ops
 
-from keras_l2 import l2_math
-from keras_l2._distribution import all_replicas, strategy_scope
-from keras_l2._retrace import forget_jax_traces
+from keras_l2 import backend, l2_math, steps
+from keras_l2.inventory import penalty_terms
 
 PENALTY = "l2_penalty"
 DATA_LOSS = "data_loss"
+
 
 class L2LossMeans(keras.metrics.Metric):
     """Batch-size-weighted means of the penalty and the data loss, in one state.
@@ -81,35 +79,10 @@ class _Hook:
         # logger attaches in `set_model`, which `fit` calls outside the scope,
         # and plain variables there hold, under MultiWorkerMirroredStrategy,
         # the examples of their own worker only (data_loss was one worker's).
-        with strategy_scope(model):
+        with backend.strategy_scope(model):
             self.means = L2LossMeans()
         self.compute_loss = model.compute_loss  # the bound method we wrap
         self.had_own_compute_loss = "compute_loss" in model.__dict__
-
-
-class _State:
-    """What keras_l2 keeps on a model: the hook, and traced step functions.
-
-    A plain object on purpose: Keras' saver walks a model's attributes and
-    skips what is neither saveable nor a container.
-    """
-
-    def __init__(self):
-        self.hook = None
-        self.functions: collections.OrderedDict = collections.OrderedDict()
-
-
-_STATE = "_keras_l2_metrics_state"
-_STEP_FUNCTIONS = ("train_function", "test_function")
-_CACHED_FUNCTIONS = 4
-
-
-def _state(model) -> _State:
-    state = model.__dict__.get(_STATE)
-    if state is None:
-        state = _State()
-        object.__setattr__(model, _STATE, state)
-    return state
 
 
 def attach_l2_metrics(model) -> None:
@@ -123,8 +96,7 @@ def attach_l2_metrics(model) -> None:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a `keras.Model`. Received: model={model!r} of type {type(model).__name__}")
-    state = _state(model)
-    if state.hook is not None:
+    if steps.metrics_hook(model) is not None:
         return
     clashes = sorted(set(_metric_names(model)) & {PENALTY, DATA_LOSS})
     if clashes:
@@ -142,13 +114,10 @@ def attach_l2_metrics(model) -> None:
             _update(model, hook, x, loss)
         return loss
 
-    # Keras reads `compute_loss` from the instance on every step it traces;
-    # the private `_metrics` list is what `Model.metrics` reports (and Keras'
-    # saver skips), so the metrics are reset, synced and logged like Keras' own.
+    # Keras reads `compute_loss` from the instance on every step it traces.
     model.compute_loss = compute_loss
-    model._metrics.append(hook.means)
-    state.hook = hook
-    _switch_step_functions(model, state, attached=True)
+    backend.add_model_metric(model, hook.means)
+    steps.attach(model, hook)
 
 
 def _metric_names(model):
@@ -161,77 +130,20 @@ def _metric_names(model):
 
 def detach_l2_metrics(model) -> None:
     """Removes what `attach_l2_metrics` added (a no-op if nothing is attached)."""
-    state = model.__dict__.get(_STATE)
-    if state is None or state.hook is None:
+    hook = steps.metrics_hook(model)
+    if hook is None:
         return
-    hook, state.hook = state.hook, None
-    model._metrics[:] = [m for m in model._metrics if m is not hook.means]
+    backend.remove_model_metric(model, hook.means)
     if hook.had_own_compute_loss:
         model.compute_loss = hook.compute_loss
     else:
         del model.compute_loss
-    _switch_step_functions(model, state, attached=False)
+    steps.detach(model)
 
 
 def l2_metrics_attached(model) -> bool:
     """Whether `attach_l2_metrics(model)` is in effect."""
-    state = model.__dict__.get(_STATE)
-    return state is not None and state.hook is not None
-
-
-def _switch_step_functions(model, state: _State, attached: bool) -> None:
-    """Puts in place step functions traced with (or without) the metrics.
-
-    On TensorFlow, the functions in use belong to the other state and are kept, keyed by
-    everything a trace bakes in that keras_l2 knows of: the compiled loss,
-    optimizer and metrics (a recompile replaces them) and each route's
-    lambda and n. A miss leaves `None`, which Keras re-creates at the next
-    `fit`/`evaluate`.
-    """
-    if keras.backend.backend() != "tensorflow":
-        # Only TensorFlow's traced functions are independent objects that can
-        # be kept and put back (see `forget_jax_traces`); torch does not trace.
-        forget_jax_traces()
-        for name in _STEP_FUNCTIONS:
-            setattr(model, name, None)
-        return
-    key = _trace_key(model)
-    current = tuple(getattr(model, name, None) for name in _STEP_FUNCTIONS)
-    if any(fn is not None for fn in current):
-        state.functions[(not attached, key)] = current
-        state.functions.move_to_end((not attached, key))
-        while len(state.functions) > _CACHED_FUNCTIONS:
-            state.functions.popitem(last=False)
-    restored = state.functions.get((attached, key), (None,) * len(_STEP_FUNCTIONS))
-    for name, fn in zip(_STEP_FUNCTIONS, restored, strict=True):
-        setattr(model, name, fn)
-
-
-def _trace_key(model) -> tuple:
-    compiled = tuple(id(getattr(model, name, None)) for name in ("optimizer", "_compile_loss", "_compile_metrics"))
-    terms = tuple((tuple(id(k) for k in kernels), l2, n) for kernels, l2, n, _ in penalty_terms(model))
-    trainable = tuple(layer.trainable for layer in model._flatten_layers())
-    return compiled, terms, trainable, getattr(model, "jit_compile", None)
-
-
-def penalty_terms(model) -> list:
-    """`(kernels, l2, n, in_loss)` for each keras_l2 route on `model`.
-
-    `in_loss` says whether the route puts its penalty into Keras' loss (the
-    regularizer and loss routes) or applies it in the update (the optimizer).
-    """
-    from keras_l2.routes import l2_routes
-
-    routes = l2_routes(model)
-    terms = [([v], reg.l2, reg.n, True) for v, reg in routes.regularizers]
-    # A loss restored from a config knows its layers by name until bound.
-    terms += [([layer.kernel for layer in (loss.layers or loss.bind(model).layers)], loss.l2, loss.n, True)
-              for loss in routes.losses]
-    # `covers` also answers before the optimizer is built (TensorFlow's fit
-    # builds it at the first step, after `on_train_begin`).
-    kernels = model.trainable_variables if routes.optimizers else []
-    terms += [([k for k in kernels if opt.covers(k)], opt.l2, opt.n, False) for opt in routes.optimizers]
-    return terms
+    return steps.metrics_hook(model) is not None
 
 
 def _update(model, hook, x, loss):
@@ -245,7 +157,7 @@ def _update(model, hook, x, loss):
         total = ops.zeros((), dtype=loss.dtype)
     # Keras' loss tracker sees the loss before its per-replica division and
     # weights each step by the batch size; do exactly the same.
-    full_loss = all_replicas(loss)
+    full_loss = backend.all_replicas(loss)
     data = full_loss if in_loss is None else ops.subtract(full_loss, in_loss)
     first = next(v for v in keras.tree.flatten(x) if v is not None)
     batch = ops.shape(first)[0]

@@ -15,14 +15,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_l2 import l2_math
-from keras_l2._distribution import is_chief
-from keras_l2._single_route import optimizer_chain
+from keras_l2 import backend, l2_math
+from keras_l2.backend import all_layers, is_chief
 from keras_l2.delivery import Outbox
-from keras_l2.metrics import DATA_LOSS, PENALTY, attach_l2_metrics, detach_l2_metrics, penalty_terms
+from keras_l2.inventory import describe, l2_routes, optimizer_chain
+from keras_l2.metrics import DATA_LOSS, PENALTY, attach_l2_metrics, detach_l2_metrics
 from keras_l2.mlflow_names import sanitize, unique_keys
-from keras_l2.routes import l2_routes
-from keras_l2.selection import all_layers
 from keras_l2.tracking_store import resolve_store
 
 LOG = logging.getLogger("keras_l2")
@@ -192,7 +190,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
         self._reported_error = False
         self._step_lock = threading.Lock()
         # JAX: step norms are read when the next step begins (see below).
-        self._step_norms_at_begin = log_every_n_steps is not None and keras.backend.backend() == "jax"
+        self._step_norms_at_begin = log_every_n_steps is not None and backend.step_reads_before_donation()
         if log_every_n_steps is not None:
             # Only then: without a callback that has its own `on_train_batch_end`,
             # Keras may dispatch batch ends asynchronously (on PyTorch and JAX; never
@@ -392,29 +390,19 @@ class MlflowL2Logger(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ helpers
     def _describe(self, model):
-        routes = l2_routes(model)
-        lam = routes.l2  # raises if the routes disagree
-        terms = penalty_terms(model)
-        chosen = {id(k) for kernels, *_ in terms for k in kernels}
+        description = describe(model)  # raises if the routes disagree
         dense = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dense) and layer.built]
         self._kernels = [layer.kernel for layer in dense]
         self._norms = _norm_reader(model, self._kernels)
         self._norm_keys = unique_keys(layer.name for layer in dense)
-        self._regularized = [id(k) in chosen for k in self._kernels]
-        names = routes.names
-        if not names:
+        self._regularized = [id(k) in description.chosen_kernel_ids for k in self._kernels]
+        if description.route == "none":
             LOG.warning("keras_l2: model %r uses no keras_l2 route; MlflowL2Logger logs it as an "
                         "unregularized baseline (l2.route=none, lambda 0, l2_penalty 0).", model.name)
-        self._route = "+".join(names) if names else "none"
-        modes = {opt.mode for opt in routes.optimizers}
-        if routes.regularizers or routes.losses:
-            modes.add("penalty")
-        modes = sorted(modes)
-        self._mode = "+".join(modes) if modes else "none"
-        ns = sorted({n for _, _, n, _ in terms}) or [1]
+        self._route, self._mode = description.route, description.mode
         self._l2_description = {
-            "l2.lambda": 0.0 if lam is None else lam,
-            "l2.n": ",".join(map(str, ns)),
+            "l2.lambda": 0.0 if description.l2 is None else description.l2,
+            "l2.n": ",".join(map(str, description.ns)),
             "l2.route": self._route,
             "l2.mode": self._mode,
             "l2.layers": ",".join(layer.name for layer, flag in zip(dense, self._regularized, strict=True) if flag),
@@ -433,7 +421,7 @@ class MlflowL2Logger(keras.callbacks.Callback):
                 params[f"optimizer.{sanitize(key)}"] = value if simple else json.dumps(value, default=str)
         params["model.params"] = model.count_params()
         params["model.trainable_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-        params["keras.backend"] = keras.backend.backend()
+        params["keras.backend"] = backend.name()
         epochs = (self.params or {}).get("epochs")
         if epochs is not None:
             params["fit.epochs"] = epochs
@@ -471,31 +459,11 @@ class _NormReader:
 
     def __init__(self, kernels):
         self.kernels = list(kernels)
-        backend = keras.backend.backend()
-        if not self.kernels:
-            self._fn = None
-        elif backend == "tensorflow":
-            import tensorflow as tf
-
-            # Captured, not passed: TensorFlow reads the live variables.
-            self._fn = tf.function(lambda: ops.stack(l2_math.kernel_norms(self.kernels)))
-            self._takes_values = False
-        else:
-            fn = lambda values: ops.stack(l2_math.kernel_norms(values))  # noqa: E731
-            if backend == "jax":
-                import jax
-
-                fn = jax.jit(fn)
-            self._fn = fn
-            self._takes_values = True
+        self._read = backend.CompiledRead(lambda values: ops.stack(l2_math.kernel_norms(values)), self.kernels)
+        self._fn = self._read.compiled
 
     def __call__(self, values=None) -> np.ndarray:
-        if self._fn is None:
-            return np.zeros((0,))
-        if not self._takes_values:
-            return np.asarray(ops.convert_to_numpy(self._fn()))
-        values = values if values is not None else [k.value for k in self.kernels]
-        return np.asarray(ops.convert_to_numpy(self._fn(list(values))))
+        return self._read(values)
 
 
 # One compiled reader per model, shared by the loggers of its fits: a logger per
@@ -513,12 +481,7 @@ def _norm_reader(model, kernels) -> _NormReader:
 
 def _live_values(model, kernels):
     """The kernels' current values; mid-epoch on JAX they live in the trainer's state."""
-    state = getattr(model, "_jax_state", None)
-    if not state or getattr(model, "_jax_state_synced", True):
-        return None
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-    trainable = state["trainable_variables"]
-    return [trainable[index[id(k)]] if id(k) in index else k.value for k in kernels]
+    return backend.live_values(model, kernels)
 
 
 @atexit.register

@@ -6,26 +6,18 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_l2 import l2_math
+from keras_l2 import backend, l2_math
 from keras_l2._checks import check_l2, check_mode, check_n
-from keras_l2._distribution import per_replica
-from keras_l2._single_route import check_single_route
-from keras_l2.selection import layers_or_names
-
-
-def _kernel_layer_name(variable) -> str | None:
-    """`"dense_1"` for a variable whose path ends in `dense_1/kernel`."""
-    parts = variable.path.split("/")
-    if len(parts) >= 2 and parts[-1] == "kernel":
-        return parts[-2]
-    return None
+from keras_l2.inventory import check_single_route
+from keras_l2.route import L2Route
+from keras_l2.selection import kernel_layer_name, layers_or_names, resolve_kernels
 
 
 @keras.saving.register_keras_serializable(package="keras_l2")
-class L2DecayOptimizer(keras.optimizers.Optimizer):
+class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
     """Wraps any Keras optimizer and applies L2 to chosen kernels by hand.
 
-    Two modes, following MATH.md:
+    Two modes, following `docs/math.md`:
 
     - `"coupled"`: L2 in the gradient. Each chosen kernel's gradient becomes
       `g + 2 * l2 / n * W` before the wrapped optimizer sees it. For every
@@ -67,6 +59,8 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     ...                              layers=select_layers(model), mode="decoupled")
     >>> model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     """
+
+    kind = "optimizer"
 
     def __init__(self, optimizer, l2: float = 0.01, n: int = 1, layers=None, mode: str = "coupled", name=None):
         if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -114,7 +108,12 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     @property
     def chosen_variables(self) -> list:
         """The kernel variables that decay (known once the optimizer is built)."""
-        return [v for v in self._trainable_variables if id(v) in self._chosen_ids]
+        return [v for v in self._own_trainable() if id(v) in self._chosen_ids]
+
+    def kernels(self, model) -> list:
+        # `covers` also answers before the optimizer is built (TensorFlow's fit
+        # builds it at the first step, after `on_train_begin`).
+        return [k for k in model.trainable_variables if self.covers(k)]
 
     def covers(self, kernel) -> bool:
         """Whether `kernel` is one of the kernels this optimizer decays."""
@@ -122,7 +121,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
             return id(kernel) in self._chosen_ids
         if self._chosen_kernel_ids is not None:
             return id(kernel) in self._chosen_kernel_ids
-        return _kernel_layer_name(kernel) in self._layer_names
+        return kernel_layer_name(kernel) in self._layer_names
 
     @property
     def l2(self) -> float:
@@ -152,7 +151,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         # Keras' LossScaleOptimizer builds the same way: own state, then the
         # wrapped optimizer on the same variables.
-        chosen = self._resolve_chosen(var_list)
+        chosen = resolve_kernels(self._layer_names, self._chosen_kernel_ids, var_list)
         # No model here: only the regularizer route can be checked from the kernels.
         check_single_route(None, chosen, route="optimizer")
         self._chosen_ids = frozenset(id(v) for v in chosen)
@@ -170,42 +169,12 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
-    def _resolve_chosen(self, var_list) -> list:
-        known = {id(v): v for v in var_list}
-        if self._chosen_kernel_ids is not None:
-            for layer_name, kernel_id in zip(self._layer_names, self._chosen_kernel_ids, strict=True):
-                if kernel_id not in known:
-                    raise ValueError(
-                        f"Layer {layer_name!r} is not part of the model this optimizer "
-                        "trains (its kernel is not among the trainable variables, "
-                        "so it belongs to another model or is frozen). Trainable "
-                        f"Dense kernels: {_kernel_names(var_list)}"
-                    )
-        # Configs record layers by name, and Keras drops the nesting prefix of
-        # variable paths on reload: a name must pick exactly one kernel.
-        by_name: dict[str, list] = {}
-        for v in var_list:
-            by_name.setdefault(_kernel_layer_name(v), []).append(v)
-        for name in self._layer_names:
-            matches = by_name.get(name, [])
-            if len(matches) > 1:
-                raise ValueError(
-                    f"Layer name {name!r} occurs {len(matches)} times among the model's "
-                    "kernels (in nested models); a saved choice of it would be ambiguous. "
-                    "Give the layers distinct names (`name=...`)."
-                )
-            if not matches:
-                raise ValueError(
-                    f"Layer name {name!r} has no trainable kernel among the variables this "
-                    f"optimizer is built with. Trainable kernels: {_kernel_names(var_list)}"
-                )
-        if self._chosen_kernel_ids is not None:
-            return [known[kernel_id] for kernel_id in self._chosen_kernel_ids]
-        return [by_name[name][0] for name in self._layer_names]
-
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return backend.own_optimizer_variables(self) + self.inner_optimizer.variables
+
+    def _own_trainable(self) -> list:
+        return backend.optimizer_trainable_variables(self)
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
@@ -222,7 +191,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
-        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        variables = self._own_trainable() if trainable_variables is None else list(trainable_variables)
         grads = self._apply_l2(list(grads), variables)
         self.inner_optimizer.apply(grads, variables)
 
@@ -235,17 +204,17 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         # An outer LossScaleOptimizer passes our variables themselves, to be
         # read in its own stateless scope: read them now.
         optimizer_variables = [v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables]
-        own = len(self._variables)
-        own_values, inner_values = optimizer_variables[:own], optimizer_variables[own:]
+        own_variables, model_variables = backend.own_optimizer_variables(self), self._own_trainable()
+        own_values, inner_values = optimizer_variables[:len(own_variables)], optimizer_variables[len(own_variables):]
         mapping = (
-            list(zip(self._trainable_variables, trainable_variables, strict=True))
-            + list(zip(self._variables, own_values, strict=True))
+            list(zip(model_variables, trainable_variables, strict=True))
+            + list(zip(own_variables, own_values, strict=True))
             + list(zip(self.inner_optimizer.variables, inner_values, strict=True))
         )
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            grads = self._apply_l2(list(grads), self._trainable_variables)
+            grads = self._apply_l2(list(grads), model_variables)
             # Decoupled mode assigned decayed kernels in the scope.
-            trainable_variables = [scope.get_current_value(v) for v in self._trainable_variables]
+            trainable_variables = [scope.get_current_value(v) for v in model_variables]
         new_trainable, new_inner = self.inner_optimizer.stateless_apply(inner_values, grads, trainable_variables)
         return new_trainable, own_values + list(new_inner)
 
@@ -270,7 +239,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
             # penalty's gradient must arrive scaled like the data gradient.
             term = ops.multiply(term, ops.cast(scale, grad.dtype))
         # Replicas' gradients are summed: each contributes its share.
-        return ops.add(grad, per_replica(term))
+        return ops.add(grad, backend.per_replica(term))
 
     def _inner_loss_scale(self):
         inner = self.inner_optimizer
@@ -311,7 +280,3 @@ class L2DecayOptimizer(keras.optimizers.Optimizer):
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
-
-
-def _kernel_names(var_list) -> list:
-    return [v.path for v in var_list if _kernel_layer_name(v) is not None]

@@ -6,17 +6,18 @@ import keras
 
 from keras_l2 import l2_math
 from keras_l2._checks import LambdaAttribute, check_l2, check_n
-from keras_l2._retrace import retrace
-from keras_l2._single_route import check_single_route
+from keras_l2.inventory import check_single_route
+from keras_l2.route import L2Route
 from keras_l2.selection import check_layers, select_layers
+from keras_l2.steps import retrace
 
 
 @keras.saving.register_keras_serializable(package="keras_l2")
-class L2Regularizer(keras.regularizers.Regularizer):
+class L2Regularizer(keras.regularizers.Regularizer, L2Route):
     """L2 penalty `l2 / n * sum(square(W))` on the kernel it is attached to.
 
     Use it where you would use `keras.regularizers.L2`, when the penalty should
-    follow the note's convention of dividing lambda by the number of training
+    follow the convention of `docs/math.md` (the study note it comes from) of dividing lambda by the number of training
     examples `n`. With `n=1` it equals `keras.regularizers.L2(l2)` (to the
     last few bits: the squares are summed in another order), but is cheaper
     to train with: its gradient `2 * l2 / n * W` is supplied in closed form
@@ -36,6 +37,7 @@ class L2Regularizer(keras.regularizers.Regularizer):
     >>> layer = keras.layers.Dense(3, kernel_regularizer=L2Regularizer(l2=1e-3, n=60000))
     """
 
+    kind = "regularizer"
     l2 = LambdaAttribute()
 
     def __init__(self, l2: float = 0.01, n: int = 1):
@@ -44,6 +46,12 @@ class L2Regularizer(keras.regularizers.Regularizer):
 
     def __call__(self, x):
         return l2_math.penalty([x], self.l2, self.n)
+
+    def kernels(self, model) -> list:
+        return [v for v in model.trainable_variables if v.regularizer is self]
+
+    def covers(self, kernel) -> bool:
+        return getattr(kernel, "regularizer", None) is self
 
     def get_config(self) -> dict:
         return {"l2": self.l2, "n": self.n}

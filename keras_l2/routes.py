@@ -1,4 +1,13 @@
-"""Which keras_l2 route a model uses, and changing its lambda.
+"""The route vocabulary (names, the name -> route switch, optimizer names) and changing lambda.
+
+Four routes put the same L2 on chosen kernels (`docs/math.md`):
+
+- `"regularizer"`: an `L2Regularizer` on each chosen kernel;
+- `"loss"`: `L2CategoricalCrossentropy` over the chosen kernels;
+- `"coupled"`, `"decoupled"`: an `L2DecayOptimizer` in that mode.
+
+`apply_route` is the one switch from a name to a route, used by the sweep,
+the benchmarks and the tests.
 
 Example:
 
@@ -9,68 +18,55 @@ Example:
 >>> set_l2(model, 1e-2)
 >>> l2_routes(model).l2
 0.01
+>>> optimizer, loss = apply_route(model, "decoupled", make_optimizer("adam", 1e-3), 1e-3, 100, [])
+Traceback (most recent call last):
+...
+ValueError: `layers` is empty: choose at least one Dense layer to regularize.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 
+from keras_l2 import backend, steps
 from keras_l2._checks import check_l2
-from keras_l2._retrace import retrace
-from keras_l2._single_route import optimizer_chain
+from keras_l2.inventory import l2_routes
 from keras_l2.loss import L2CategoricalCrossentropy
 from keras_l2.optimizer import L2DecayOptimizer
-from keras_l2.regularizer import L2Regularizer
-from keras_l2.selection import all_layers
+from keras_l2.regularizer import L2Regularizer, regularize
+
+ROUTES = ("regularizer", "loss", "coupled", "decoupled")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
 
 
-@dataclasses.dataclass(frozen=True)
-class L2Routes:
-    """The keras_l2 objects found on a model.
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A fresh Keras optimizer by its name in `OPTIMIZERS`."""
+    classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    if name not in classes:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return classes[name](learning_rate)
 
-    Attributes:
-        regularizers: `(kernel_variable, L2Regularizer)` pairs.
-        losses: the `L2CategoricalCrossentropy` losses the model is compiled with.
-        optimizers: the `L2DecayOptimizer`s in the model's optimizer chain.
+
+def apply_route(model, route: str, optimizer, l2: float, n: int, layers) -> tuple:
+    """Puts L2 on `layers` through `route`; returns the `(optimizer, loss)` to compile with.
+
+    Args:
+        model: the built model the layers belong to.
+        route: one of `ROUTES`.
+        optimizer: the Keras optimizer to train with (wrapped for the optimizer routes).
+        l2: lambda; n: the number of training examples.
+        layers: the Dense layers to regularize (what `select_layers` returns).
     """
-
-    regularizers: tuple = ()
-    losses: tuple = ()
-    optimizers: tuple = ()
-
-    @property
-    def names(self) -> tuple:
-        """The routes in use: a subset of ("regularizer", "loss", "optimizer")."""
-        found = (("regularizer", self.regularizers), ("loss", self.losses), ("optimizer", self.optimizers))
-        return tuple(name for name, objects in found if objects)
-
-    @property
-    def l2(self) -> float | None:
-        """The lambda of the routes in use (None if none is); they must agree."""
-        values = {reg.l2 for _, reg in self.regularizers}
-        values |= {loss.l2 for loss in self.losses}
-        values |= {opt.l2 for opt in self.optimizers}
-        if len(values) > 1:
-            raise ValueError(f"The model's keras_l2 routes use different lambdas: {sorted(values)}")
-        return values.pop() if values else None
-
-
-def l2_routes(model) -> L2Routes:
-    """Finds the keras_l2 regularizers, losses and optimizers on `model`."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"Expected a `keras.Model`. Received: model={model!r} of type {type(model).__name__}")
-    regularizers = tuple(
-        (v, v.regularizer) for v in model.trainable_variables if isinstance(v.regularizer, L2Regularizer)
-    )
-    losses = tuple(
-        loss for loss in keras.tree.flatten(getattr(model, "loss", None)) if isinstance(loss, L2CategoricalCrossentropy)
-    )
-    optimizers = tuple(
-        opt for opt in optimizer_chain(getattr(model, "optimizer", None)) if isinstance(opt, L2DecayOptimizer)
-    )
-    return L2Routes(regularizers, losses, optimizers)
+    loss = "categorical_crossentropy"
+    if route == "regularizer":
+        regularize(model, l2=l2, n=n, layers=layers)
+    elif route == "loss":
+        loss = L2CategoricalCrossentropy(l2=l2, n=n, layers=layers)
+    elif route in ("coupled", "decoupled"):
+        optimizer = L2DecayOptimizer(optimizer, l2=l2, n=n, layers=layers, mode=route)
+    else:
+        raise ValueError(f"Unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    return optimizer, loss
 
 
 def set_l2(model, l2: float) -> None:
@@ -93,26 +89,13 @@ def set_l2(model, l2: float) -> None:
         )
     # On JAX the live state sits outside the variables during `fit`; pull it
     # back first so the assignment below is not overwritten at epoch end.
-    sync = getattr(model, "jax_state_sync", None)
-    if sync is not None:
-        sync()
-    for _, regularizer in routes.regularizers:
-        regularizer.l2 = l2
-    for layer in _layers_with_l2_regularizer(model):
-        layer.kernel_regularizer.l2 = l2
-    for loss in routes.losses:
-        loss.l2 = l2
-    for optimizer in routes.optimizers:
-        optimizer.l2 = l2
-    from keras_l2.metrics import l2_metrics_attached
-
-    # The penalty routes (and the `l2_penalty` metric, for every route) trace
-    # lambda as a constant.
-    if routes.regularizers or routes.losses or l2_metrics_attached(model):
-        retrace(model)
-
-
-def _layers_with_l2_regularizer(model):
-    for layer in all_layers(model):
+    backend.sync_training_state(model)
+    for route in routes.routes:
+        route.l2 = l2
+    # A layer's `kernel_regularizer` is what `model.save` records; it may be
+    # another object than the one on the variable.
+    for layer in backend.all_layers(model):
         if isinstance(getattr(layer, "kernel_regularizer", None), L2Regularizer):
-            yield layer
+            layer.kernel_regularizer.l2 = l2
+    if steps.needs_retrace(model, routes):
+        steps.retrace(model)

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import keras
 
 from keras_l2._checks import check_l2
-from keras_l2.routes import l2_routes, set_l2
+from keras_l2.inventory import l2_routes
+from keras_l2.routes import set_l2
 
 
 class LambdaScheduler(keras.callbacks.Callback):

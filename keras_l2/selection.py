@@ -25,14 +25,9 @@ from collections.abc import Iterable, Sequence
 
 import keras
 
+from keras_l2.backend import all_layers
+
 Dense = keras.layers.Dense
-
-
-def all_layers(model) -> list:
-    """Every layer inside `model`, nested models included, in build order."""
-    # `_flatten_layers` is what Keras itself uses to collect `model.losses`
-    # from nested layers; there is no public recursive equivalent.
-    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 def _describe(layers: Iterable) -> str:
@@ -253,3 +248,53 @@ def layers_or_names(layers) -> tuple[tuple, tuple | None]:
     chosen = check_layers(layers)
     return tuple(layer.name for layer in chosen), chosen
 
+
+def kernel_layer_name(variable) -> str | None:
+    """`"dense_1"` for a variable whose path ends in `dense_1/kernel`, else None."""
+    parts = variable.path.split("/")
+    if len(parts) >= 2 and parts[-1] == "kernel":
+        return parts[-2]
+    return None
+
+
+def resolve_kernels(layer_names: tuple, kernel_ids: tuple | None, variables) -> list:
+    """The kernels of the chosen layers among `variables` (what an optimizer is built with).
+
+    Args:
+        layer_names: the chosen layers' names.
+        kernel_ids: `id()` of their kernels, or None when only names are known (a config).
+        variables: the trainable variables to choose from.
+
+    Raises:
+        ValueError: a chosen kernel not among `variables`, or a name matching no kernel or
+            several (configs record names, and Keras drops the nesting prefix on reload).
+    """
+    known, kernels = {id(v): v for v in variables}, [v.path for v in variables if kernel_layer_name(v) is not None]
+    if kernel_ids is not None:
+        for layer_name, kernel_id in zip(layer_names, kernel_ids, strict=True):
+            if kernel_id not in known:
+                raise ValueError(
+                    f"Layer {layer_name!r} is not part of the model this optimizer "
+                    "trains (its kernel is not among the trainable variables, "
+                    "so it belongs to another model or is frozen). Trainable "
+                    f"Dense kernels: {kernels}"
+                )
+    by_name: dict[str, list] = {}
+    for v in variables:
+        by_name.setdefault(kernel_layer_name(v), []).append(v)
+    for name in layer_names:
+        matches = by_name.get(name, [])
+        if len(matches) > 1:
+            raise ValueError(
+                f"Layer name {name!r} occurs {len(matches)} times among the model's "
+                "kernels (in nested models); a saved choice of it would be ambiguous. "
+                "Give the layers distinct names (`name=...`)."
+            )
+        if not matches:
+            raise ValueError(
+                f"Layer name {name!r} has no trainable kernel among the variables this "
+                f"optimizer is built with. Trainable kernels: {kernels}"
+            )
+    if kernel_ids is not None:
+        return [known[kernel_id] for kernel_id in kernel_ids]
+    return [by_name[name][0] for name in layer_names]

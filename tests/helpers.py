@@ -71,7 +71,7 @@ ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 
 def compile_route(model, route: str, optimizer, l2: float, n: int, layers, **compile_kwargs):
     """Compiles `model` with L2 applied through one of the four routes (or "none")."""
-    from keras_l2.search import apply_route
+    from keras_l2.routes import apply_route
 
     loss = "categorical_crossentropy"
     if route != "none":

@@ -65,7 +65,9 @@ def test_too_large_a_lambda_keeps_training_data_loss_high_at_a_compromise(short_
         data_loss = run["history"]["data_loss"]
         assert data_loss[-1] > 10 * max(r["history"]["data_loss"][-1] for r in free)
         # Settled: the last ten epochs barely move, with the penalty a large share of the objective.
-        assert abs(data_loss[-1] - data_loss[-10]) < 0.25 * data_loss[-1]
+        # Adam's epoch-to-epoch noise at this lambda is +-15%: compare five-epoch means, not two single epochs.
+        recent, earlier = np.mean(data_loss[-5:]), np.mean(data_loss[-14:-9])
+        assert abs(recent - earlier) < 0.25 * recent, (earlier, recent)
         assert run["history"]["l2_penalty"][-1] > 0.2 * (data_loss[-1] + run["history"]["l2_penalty"][-1])
 
 

@@ -20,7 +20,6 @@ Example: see `keras_l2.search.runner`; in short,
 ('regularizer', 'hidden_.*')
 """
 
-from keras_l2.search._routes import OPTIMIZERS, ROUTES, apply_route
 from keras_l2.search.command import main
 from keras_l2.search.config import DEFAULT_LAMBDAS, SweepConfig, check_config, choose_layers, parse_lambdas
 from keras_l2.search.data import DatasetData, SweepData, all_digits, as_sweep_data, digits, load_npz
@@ -30,14 +29,11 @@ from keras_l2.search.runner import PreparedSweep, prepare_sweep, run_sweep
 
 __all__ = [
     "DEFAULT_LAMBDAS",
-    "OPTIMIZERS",
-    "ROUTES",
     "DatasetData",
     "PreparedSweep",
     "SweepConfig",
     "SweepData",
     "all_digits",
-    "apply_route",
     "as_sweep_data",
     "build_model",
     "check_config",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from keras_l2.search._routes import OPTIMIZERS, ROUTES
+from keras_l2.routes import OPTIMIZERS, ROUTES
 from keras_l2.search.config import SweepConfig, parse_lambdas
 
 DESCRIPTION = ("Trains the same network once per lambda (and seed), every run from the same initial weights and "

@@ -14,7 +14,7 @@ import math
 import re
 
 from keras_l2._checks import check_l2
-from keras_l2.search._routes import OPTIMIZERS, ROUTES
+from keras_l2.routes import OPTIMIZERS, ROUTES
 from keras_l2.selection import select_layers
 
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)

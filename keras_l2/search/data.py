@@ -23,12 +23,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ARRAY_KEYS = ("x_train", "y_train", "x_val", "y_val")
+_INFINITE = -1  # tf.data.INFINITE_CARDINALITY (UNKNOWN_CARDINALITY is -2)
 
 
 @dataclasses.dataclass
@@ -172,14 +172,12 @@ def _one_hot(y_train, y_val, source):
 
 # -------------------------------------------------------------- datasets
 def _is_dataset(value) -> bool:
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and isinstance(value, tf.data.Dataset)
+    """A `tf.data.Dataset`, recognized without importing TensorFlow (only `keras_l2.backend` may)."""
+    return type(value).__module__.split(".")[0] == "tensorflow" and hasattr(value, "element_spec")
 
 
 def check_datasets(train, val) -> DatasetData:
     """Checks batched `tf.data` datasets of `(x, y)` (one-hot `y`) and counts `n` (see the module docstring)."""
-    import tensorflow as tf
-
     shapes = {}
     for split, dataset in (("train", train), ("val", val)):
         spec = dataset.element_spec
@@ -194,11 +192,11 @@ def check_datasets(train, val) -> DatasetData:
         raise ValueError(f"data: train yields (features, classes) {shapes['train']} but val {shapes['val']}")
     batches = int(train.cardinality())
     if batches < 0:
-        kind = "infinite" if batches == int(tf.data.INFINITE_CARDINALITY) else "unknown"
+        kind = "infinite" if batches == _INFINITE else "unknown"
         raise ValueError(f"data: the train dataset's cardinality is {kind}; n (lambda/n) needs a known, finite "
                          "number of batches (allowed: a finite dataset; if you know its length, apply "
                          "tf.data.experimental.assert_cardinality(batches))")
-    n = int(train.reduce(np.int64(0), lambda count, batch: count + tf.cast(tf.shape(batch[0])[0], tf.int64)))
+    n = sum(int(x.shape[0]) for x, _ in train)  # one pass; eager batches have concrete shapes
     if n == 0:
         raise ValueError("data: the train dataset is empty")
     features, classes = shapes["train"]

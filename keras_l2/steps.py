@@ -1,0 +1,132 @@
+"""The one owner of a model's compiled step functions, as far as keras_l2 touches them.
+
+Two things keras_l2 does change what a traced train/test step computes:
+
+- a new lambda on a penalty route (the regularizer and loss routes, and the
+  `l2_penalty` metric of every route, trace lambda as a constant);
+- attaching or detaching the in-step metrics (`keras_l2.metrics`).
+
+Both go through here: `retrace` makes the next step use new functions, and
+`attach`/`detach` swap in step functions traced with or without the
+metrics. On TensorFlow the functions of the other state are kept, keyed by
+everything a trace bakes in that keras_l2 knows of, so one logger per `fit`
+does not retrace every time. `set_l2` asks `needs_retrace` rather than
+knowing which routes trace what.
+
+Example:
+
+>>> import keras
+>>> from keras_l2 import steps
+>>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+>>> model.compile(optimizer="sgd", loss="mse")
+>>> steps.metrics_hook(model) is None
+True
+"""
+
+from __future__ import annotations
+
+import collections
+
+from keras_l2 import backend
+from keras_l2.inventory import L2Routes, penalty_terms
+
+_STATE = "_keras_l2_step_state"
+_STEP_FUNCTIONS = ("train_function", "test_function")
+_CACHED_FUNCTIONS = 4
+
+
+class _State:
+    """What keras_l2 keeps on a model: the metrics hook, and traced step functions.
+
+    A plain object on purpose: Keras' saver walks a model's attributes and
+    skips what is neither saveable nor a container.
+    """
+
+    def __init__(self):
+        self.hook = None
+        self.functions: collections.OrderedDict = collections.OrderedDict()
+
+
+def _state(model) -> _State:
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        state = _State()
+        object.__setattr__(model, _STATE, state)
+    return state
+
+
+def retrace(model) -> None:
+    """Makes a compiled model pick up a changed penalty at its next step.
+
+    Penalty values are traced into the train/test functions as constants, so
+    a change of lambda needs new functions. `fit` reads `model.train_function`
+    before every step, so this also works from a callback between epochs.
+    """
+    backend.forget_jax_traces()
+    if getattr(model, "train_function", None) is not None:
+        model.make_train_function(force=True)
+    if getattr(model, "test_function", None) is not None:
+        model.make_test_function(force=True)
+
+
+def metrics_hook(model):
+    """The hook `keras_l2.metrics` attached to `model`, or None."""
+    state = model.__dict__.get(_STATE)
+    return None if state is None else state.hook
+
+
+def needs_retrace(model, routes: L2Routes) -> bool:
+    """Whether a new lambda on `routes` reaches `model`'s steps only through new step functions.
+
+    The optimizer route keeps lambda in a variable; the penalty routes, and
+    the `l2_penalty` metric for every route, trace it as a constant.
+    """
+    return bool(routes.regularizers or routes.losses or metrics_hook(model) is not None)
+
+
+def attach(model, hook) -> None:
+    """Records `hook` as attached and puts in place step functions traced with it."""
+    state = _state(model)
+    state.hook = hook
+    _switch(model, state, attached=True)
+
+
+def detach(model):
+    """Forgets the attached hook (returned, or None) and puts back step functions traced without it."""
+    state = model.__dict__.get(_STATE)
+    if state is None or state.hook is None:
+        return None
+    hook, state.hook = state.hook, None
+    _switch(model, state, attached=False)
+    return hook
+
+
+def _switch(model, state: _State, attached: bool) -> None:
+    """Puts in place step functions traced with (or without) the metrics.
+
+    Where the backend keeps traced functions (TensorFlow), those in use are
+    stored under the other state and those of this state restored; a miss
+    leaves `None`, which Keras re-creates at the next `fit`/`evaluate`.
+    """
+    if not backend.keeps_traced_functions():
+        backend.forget_jax_traces()
+        for name in _STEP_FUNCTIONS:
+            setattr(model, name, None)
+        return
+    key = _trace_key(model)
+    current = tuple(getattr(model, name, None) for name in _STEP_FUNCTIONS)
+    if any(fn is not None for fn in current):
+        state.functions[(not attached, key)] = current
+        state.functions.move_to_end((not attached, key))
+        while len(state.functions) > _CACHED_FUNCTIONS:
+            state.functions.popitem(last=False)
+    restored = state.functions.get((attached, key), (None,) * len(_STEP_FUNCTIONS))
+    for name, fn in zip(_STEP_FUNCTIONS, restored, strict=True):
+        setattr(model, name, fn)
+
+
+def _trace_key(model) -> tuple:
+    """Everything a trace bakes in that keras_l2 knows of: the compiled objects, each route's terms, trainability."""
+    terms = tuple((tuple(id(k) for k in kernels), l2, n) for kernels, l2, n, _ in penalty_terms(model))
+    trainable = tuple(layer.trainable for layer in backend.all_layers(model, include_self=True))
+    return backend.compiled_identity(model), terms, trainable, getattr(model, "jit_compile", None)

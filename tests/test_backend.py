@@ -1,0 +1,97 @@
+"""The Keras internals `keras_l2.backend` relies on, checked against the installed Keras.
+
+A Keras release that moves one of them fails here, with a message naming
+what moved, rather than somewhere deep inside a route or the logger.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_l2 import backend
+from tests.helpers import data, mlp
+
+pytestmark = pytest.mark.core
+
+
+class _Recording(keras.losses.CategoricalCrossentropy):
+    """Records which model `backend.calling_model` finds while Keras calls the loss."""
+
+    found = ()
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        self.found = (*self.found, backend.calling_model(self))
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+
+@pytest.mark.parametrize("how", ["fit", "evaluate"])
+def test_a_compiled_loss_finds_its_model_among_its_callers(how):
+    model = mlp()
+    loss = _Recording()
+    model.compile(optimizer="sgd", loss=loss)
+    x, y = data()
+    getattr(model, how)(x, y, verbose=0)
+    assert loss.found and all(found is model for found in loss.found), (
+        f"Keras {keras.__version__} no longer calls a compiled loss from `Model.compute_loss` with the model "
+        "as `self`; `keras_l2.backend.calling_model` (how L2CategoricalCrossentropy finds its model) must follow."
+    )
+
+
+def test_a_loss_called_outside_keras_finds_no_model():
+    loss = _Recording()
+    loss(np.eye(3), np.full((3, 3), 1 / 3))
+    assert loss.found == (None,)
+
+
+def test_all_layers_reaches_into_nested_models():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="inner_dense")], name="inner")
+    outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2, name="outer_dense")], name="outer")
+    names = [layer.name for layer in backend.all_layers(outer)]
+    assert {"inner", "inner_dense", "outer_dense"} <= set(names)
+    assert backend.all_layers(outer, include_self=True)[0] is outer
+
+
+def test_a_model_metric_is_reported_and_removed():
+    model = mlp()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    metric = keras.metrics.Mean(name="extra")
+    backend.add_model_metric(model, metric)
+    assert metric in model.metrics
+    backend.remove_model_metric(model, metric)
+    assert metric not in model.metrics
+
+
+def test_compiled_identity_changes_with_a_recompile():
+    model = mlp()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    first = backend.compiled_identity(model)
+    assert first == backend.compiled_identity(model)
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    assert backend.compiled_identity(model) != first
+
+
+def test_optimizer_variables_split_into_own_and_model_variables():
+    model = mlp()
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    own = backend.own_optimizer_variables(optimizer)
+    assert [id(v) for v in backend.optimizer_trainable_variables(optimizer)] == [
+        id(v) for v in model.trainable_variables]
+    assert own and not {id(v) for v in own} & {id(v) for v in model.trainable_variables}
+    assert [id(v) for v in own] == [id(v) for v in optimizer.variables]
+
+
+def test_compiled_read_matches_numpy_and_reads_live_values():
+    model = mlp()
+    kernels = [layer.kernel for layer in model.layers]
+    read = backend.CompiledRead(lambda values: keras.ops.stack([keras.ops.sum(v) for v in values]), kernels)
+    expected = [float(np.sum(keras.ops.convert_to_numpy(k))) for k in kernels]
+    np.testing.assert_allclose(read(), expected, rtol=1e-6)
+    kernels[0].assign(keras.ops.zeros(kernels[0].shape))
+    assert read()[0] == 0.0  # the variables as they are now, not as traced
+    assert backend.CompiledRead(lambda values: values, []).__call__().shape == (0,)
+
+
+def test_live_values_are_none_outside_fit():
+    model = mlp()
+    assert backend.live_values(model, [model.layers[0].kernel]) is None
