@@ -71,8 +71,8 @@ class DatasetData:
     name: str
 
     def fit_args(self, batch_size: int) -> dict:
-        """The data arguments of `model.fit` (the datasets keep their own batch size)."""
-        return {"x": self.train, "validation_data": self.val}
+        """The data arguments of `model.fit` (the datasets keep their own batch size and order)."""
+        return {"x": self.train, "validation_data": self.val, "shuffle": False}  # Keras cannot shuffle a dataset
 
 
 # ------------------------------------------------------------ the digits
