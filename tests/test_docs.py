@@ -14,7 +14,8 @@ MODULES = [
     "keras_l2.l2_math", "keras_l2.backend", "keras_l2.route", "keras_l2.inventory", "keras_l2.steps",
     "keras_l2.selection", "keras_l2.regularizer", "keras_l2.loss", "keras_l2.optimizer", "keras_l2.routes",
     "keras_l2.schedule", "keras_l2.metrics", "keras_l2.mlflow_names", "keras_l2.mlflow_logger", "keras_l2.delivery",
-    "keras_l2.tracking_store",
+    "keras_l2.tracking_store", "keras_l2.search", "keras_l2.search.config", "keras_l2.search.data",
+    "keras_l2.search.models", "keras_l2.search.runner", "keras_l2.search.report", "keras_l2.search.command",
 ]
 
 
