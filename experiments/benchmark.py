@@ -32,7 +32,7 @@ import numpy as np
 
 import keras_l2
 from keras_l2.routes import ROUTES, apply_route
-from keras_l2.sweep import all_digits, build_model
+from keras_l2.search import all_digits, build_model
 
 L2 = 1e-2
 LEARNING_RATE = 0.01

@@ -23,15 +23,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_l2  # noqa: E402
-from keras_l2 import sweep  # noqa: E402
+from keras_l2 import search  # noqa: E402
+from keras_l2.routes import ROUTES, apply_route  # noqa: E402
 
-ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 
-
-def train(route: str, optimizer: str, l2: float, epochs: int, data: sweep.SweepData, hidden: tuple, lr: float):
-    model = sweep.build_model(data.x_train.shape[1], data.classes, hidden, seed=0)
+def train(route: str, optimizer: str, l2: float, epochs: int, data: search.SweepData, hidden: tuple, lr: float):
+    model = search.build_model(data.x_train.shape[1], data.classes, hidden, seed=0)
     opt = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](lr)
-    opt, loss = sweep.apply_route(model, route, opt, l2, len(data.x_train), keras_l2.select_layers(model))
+    opt, loss = apply_route(model, route, opt, l2, len(data.x_train), keras_l2.select_layers(model))
     model.compile(optimizer=opt, loss=loss)
     keras_l2.attach_l2_metrics(model)
     history = model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val), batch_size=32,
@@ -41,8 +40,8 @@ def train(route: str, optimizer: str, l2: float, epochs: int, data: sweep.SweepD
 
 def compare(l2: float, epochs: int, hidden: tuple, lrs: dict) -> list:
     keras.config.set_floatx("float64")
-    data = sweep.digits(200)
-    data = sweep.SweepData(*(a.astype("float64") for a in (data.x_train, data.y_train, data.x_val, data.y_val)),
+    data = search.digits(200)
+    data = search.SweepData(*(a.astype("float64") for a in (data.x_train, data.y_train, data.x_val, data.y_val)),
                            name=data.name)
     rows = []
     for optimizer in ("sgd", "adam"):

@@ -34,7 +34,7 @@ import numpy as np
 
 import keras_l2
 from keras_l2.routes import apply_route
-from keras_l2.sweep import all_digits, build_model
+from keras_l2.search import all_digits, build_model
 
 MODELS = {
     # name: (layer widths, batch size, examples, epochs per fit)

@@ -2,11 +2,12 @@
 
     python experiments/sweep.py                       # the default sweep, embedded store
     python experiments/sweep.py --seeds 3 --workers 2
+    python experiments/sweep.py --model my_models:build --layers 'dense.*'   # your own model
 """
 
 import sys
 
-from keras_l2.cli import main
+from keras_l2.search import main
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:], prog="experiments/sweep.py"))

@@ -15,6 +15,12 @@ Example:
 >>> _ = regularize(model, l2=1e-3)
 >>> l2_routes(model)
 L2Routes(regularizer: L2Regularizer(l2=0.001, n=1) on ['d'])
+>>> from keras_l2 import L2DecayOptimizer
+>>> other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="e")])
+>>> other.compile(optimizer=L2DecayOptimizer(keras.optimizers.SGD(0.1), l2=0.5, n=8, layers=other.layers,
+...                                          mode="decoupled"), loss="mse")
+>>> l2_routes(other)
+L2Routes(optimizer: L2DecayOptimizer(SGD, mode='decoupled', l2=0.5, n=8, layers=['e']))
 """
 
 from __future__ import annotations

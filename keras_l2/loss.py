@@ -121,6 +121,9 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy, L2Route):
         # Keras' reduction already divided the data term by the replica count.
         return keras.ops.add(value, backend.per_replica(self.penalty(dtype=value.dtype)))
 
+    def __repr__(self) -> str:
+        return f"L2CategoricalCrossentropy(l2={self.l2!r}, n={self.n!r}, layers={list(self._layer_names)})"
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"l2": self.l2, "n": self.n, "layers": list(self._layer_names)})

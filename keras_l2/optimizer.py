@@ -265,6 +265,10 @@ class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
+    def __repr__(self) -> str:
+        return (f"L2DecayOptimizer({type(self.inner_optimizer).__name__}, mode={self.mode!r}, l2={self.l2!r}, "
+                f"n={self.n!r}, layers={list(self._layer_names)})")
+
     def get_config(self) -> dict:
         return {
             "name": self.name,

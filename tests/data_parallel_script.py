@@ -43,10 +43,9 @@ assert len(jax.devices()) == 2, jax.devices()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from helpers import ROUTES, compile_route, data, mlp, weights  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from keras_l2 import select_layers  # noqa: E402
+from tests.helpers import ROUTES, compile_route, data, mlp, weights  # noqa: E402
 
 OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.5), "adam": lambda: keras.optimizers.Adam(0.05)}
 L2, EXAMPLES, BATCH, EPOCHS = 0.3, 32, 16, 3

@@ -19,10 +19,9 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from helpers import ROUTES, compile_route, data, mlp, weights  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from keras_l2 import select_layers  # noqa: E402
+from tests.helpers import ROUTES, compile_route, data, mlp, weights  # noqa: E402
 
 OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.5), "adam": lambda: keras.optimizers.Adam(0.05)}
 

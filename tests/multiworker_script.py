@@ -76,10 +76,9 @@ STRATEGY.reduce = _reduce_each
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import ROUTES, compile_route, data, mlp, weights  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from keras_l2 import MlflowL2Logger, select_layers  # noqa: E402
+from tests.helpers import ROUTES, compile_route, data, mlp, weights  # noqa: E402
 
 OPTIMIZERS = {"sgd": lambda: keras.optimizers.SGD(0.5), "adam": lambda: keras.optimizers.Adam(0.05)}
 CONFIGS = [(route, name) for route in (*ROUTES, "none") for name in OPTIMIZERS]

@@ -154,3 +154,12 @@ def test_the_private_attribute_check_finds_one():
 def test_no_module_is_over_300_lines(module):
     lines = len(MODULES[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines (at most {MAX_LINES}): split it by concept"
+
+
+def test_tests_import_their_helpers_one_way():
+    """`from helpers import` beside `from tests.helpers import` loads two copies of the module."""
+    tests = Path(__file__).resolve().parent
+    other = [f"{path.name}:{number}" for path in sorted(tests.glob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if line.strip().startswith(("from helpers import", "import helpers", "from mlflow_server import"))]
+    assert not other, f"import helpers as `from tests.helpers import ...`: {other}"

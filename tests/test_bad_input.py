@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-from helpers import data, mlp
 
 from keras_l2 import (
     L2CategoricalCrossentropy,
@@ -13,6 +12,7 @@ from keras_l2 import (
     select_layers,
     set_l2,
 )
+from tests.helpers import data, mlp
 
 pytestmark = pytest.mark.core
 

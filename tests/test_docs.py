@@ -17,7 +17,10 @@ MODULES = [
     "keras_l2.tracking", "keras_l2.tracking.names", "keras_l2.tracking.callback", "keras_l2.tracking.outbox",
     "keras_l2.tracking.store", "keras_l2.tracking.records", "keras_l2.tracking.spool", "keras_l2.tracking.worker",
     "keras_l2.tracking.courier", "keras_l2.tracking.cadence", "keras_l2.tracking.norms", "keras_l2.tracking.values",
-    "keras_l2.tracking.settings", "keras_l2.tracking.lifecycle",
+    "keras_l2.tracking.settings", "keras_l2.tracking.lifecycle", "keras_l2.tracking.notices",
+    "keras_l2.tracking.pending", "keras_l2.tracking.step_hooks",
+    "keras_l2.search", "keras_l2.search.config", "keras_l2.search.data",
+    "keras_l2.search.models", "keras_l2.search.runner", "keras_l2.search.report", "keras_l2.search.command",
 ]
 
 

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import value_and_grad
 
 from keras_l2 import L2Regularizer, l2_math
+from tests.helpers import value_and_grad
 
 pytestmark = pytest.mark.core
 

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import mlp, reported_rtol
 
 from keras_l2 import L2CategoricalCrossentropy, select_layers
+from tests.helpers import mlp, reported_rtol
 
 pytestmark = pytest.mark.core
 

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, reported_rtol, weights
 
 from keras_l2 import L2DecayOptimizer, select_layers
+from tests.helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, reported_rtol, weights
 
 pytestmark = pytest.mark.core
 

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import data, mlp, reported_rtol
 
 from keras_l2 import L2Regularizer, regularize, select_layers
+from tests.helpers import data, mlp, reported_rtol
 
 pytestmark = pytest.mark.core
 

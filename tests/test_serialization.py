@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import ROUTES, compile_route, data, mlp, weights
 
 from keras_l2 import L2CategoricalCrossentropy, L2DecayOptimizer, L2Regularizer, l2_routes, select_layers
+from tests.helpers import ROUTES, compile_route, data, mlp, weights
 
 pytestmark = pytest.mark.core
 

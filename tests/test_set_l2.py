@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import ROUTES, compile_route, data, mlp, reference_gd, weights
 
 from keras_l2 import L2DecayOptimizer, LambdaScheduler, l2_routes, regularize, select_layers, set_l2
+from tests.helpers import ROUTES, compile_route, data, mlp, reference_gd, weights
 
 pytestmark = pytest.mark.core
 

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from keras_l2 import sweep
+from keras_l2 import search as sweep
 from keras_l2.cli import main
 from tests.helpers import reset_keras
 

@@ -76,7 +76,8 @@ def test_a_healthy_store_keeps_up_with_5000_points_per_second(kind, server, tmp_
 
 def test_train_end_waits_under_half_a_second_at_every_step_on_a_healthy_server(server, tmp_path):
     # Was: 3 s, with 3,014 records spooled and the run left RUNNING.
-    from keras_l2.sweep import all_digits, build_model
+    from keras_l2.search.data import all_digits
+    from keras_l2.search.models import build_model
 
     x, y = all_digits()
     waits = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from keras_l2 import sweep
+from keras_l2 import search as sweep
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.ui

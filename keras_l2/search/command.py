@@ -1,0 +1,99 @@
+"""The sweep's command line, `keras-l2 sweep` (also `python experiments/sweep.py`): options to `run_sweep`.
+
+Example:
+
+>>> from keras_l2.search.command import parser, config_from_args
+>>> args = parser().parse_args(["--lambdas", "0,0.1", "--model", "my_models:build", "--layers", "dense.*"])
+>>> config = config_from_args(args)
+>>> config.lambdas, config.model, config.layers
+((0.0, 0.1), 'my_models:build', 'dense.*')
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from keras_l2.routes import OPTIMIZERS, ROUTES
+from keras_l2.search.config import SweepConfig, parse_lambdas
+
+DESCRIPTION = ("Trains the same network once per lambda (and seed), every run from the same initial weights and "
+               "data order, under one MLflow parent run with a child run per lambda; prints a table and the best "
+               "lambda (on validation data loss) and writes plots.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the sweep's options to `p`."""
+    defaults = SweepConfig()
+    p.add_argument("--lambdas", default=",".join(f"{v:g}" for v in defaults.lambdas),
+                   help="comma-separated lambdas, each a finite float >= 0 (default: %(default)s)")
+    p.add_argument("--route", default=defaults.route, help=f"one of {', '.join(ROUTES)} (default: %(default)s)")
+    p.add_argument("--optimizer", default=defaults.optimizer,
+                   help=f"one of {', '.join(OPTIMIZERS)} (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--layers", default=defaults.layers,
+                   help="Dense layers to regularize: comma-separated names (hidden_1,hidden_2,out) or a regex, "
+                        "'' for all (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="module:function building your own uncompiled keras.Model (no arguments; softmax output), "
+                        "imported from the current directory or sys.path; default: the built-in MLP")
+    p.add_argument("--hidden", default=",".join(map(str, defaults.hidden)),
+                   help="hidden widths of the built-in MLP (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seeds", type=int, default=defaults.seeds, help="repeat every lambda with this many seeds")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="parallel training processes")
+    p.add_argument("--train-size", type=int, default=defaults.train_size,
+                   help="training examples taken from the digits (default: %(default)s; the rest validates)")
+    p.add_argument("--data", default=None, help="an .npz with x_train, y_train, x_val, y_val instead of the digits")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: MLFLOW_TRACKING_URI, else the embedded mlruns/mlflow.db)")
+    p.add_argument("--experiment", default=defaults.experiment)
+    p.add_argument("--results-dir", default=defaults.results_dir, help="where the plots go (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def parser(prog: str = "keras-l2 sweep") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """The `SweepConfig` of parsed options; raises ValueError for malformed lambdas or widths."""
+    return SweepConfig(
+        lambdas=parse_lambdas(args.lambdas), route=args.route, optimizer=args.optimizer,
+        learning_rate=args.learning_rate, layers=args.layers, hidden=_widths(args.hidden), epochs=args.epochs,
+        batch_size=args.batch_size, seeds=args.seeds, workers=args.workers, train_size=args.train_size,
+        data=args.data, model=args.model, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        results_dir=args.results_dir, verbose=0 if args.quiet else 1,
+    )
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """Checks everything (bad input exits with status 2 and one line, before any run), then sweeps."""
+    from keras_l2.search.runner import prepare_sweep
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        prepared = prepare_sweep(config_from_args(args))
+    except ValueError as error:
+        p.exit(2, f"{p.prog}: error: {error}\n")
+    prepared.run()
+    return 0
+
+
+def main(argv=None, prog: str = "keras-l2 sweep") -> int:
+    """`keras-l2 sweep` with `argv` (default: `sys.argv[1:]`)."""
+    p = parser(prog)
+    return run(p.parse_args(argv), p)
+
+
+def _widths(text: str) -> tuple:
+    try:
+        widths = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise ValueError(f"--hidden: {text!r} is not comma-separated integers, e.g. 256,256") from None
+    if not widths or min(widths) < 1:
+        raise ValueError(f"--hidden: widths must be integers >= 1. Received: {text!r}")
+    return widths

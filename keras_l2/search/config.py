@@ -1,0 +1,111 @@
+"""What a sweep runs: `SweepConfig`, and the checks of its values.
+
+Example:
+
+>>> from keras_l2.search import SweepConfig, check_config, parse_lambdas
+>>> check_config(SweepConfig(lambdas=parse_lambdas("0.1,0,1e-3"))).lambdas
+(0.0, 0.001, 0.1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from keras_l2._checks import check_l2
+from keras_l2.routes import OPTIMIZERS, ROUTES
+from keras_l2.selection import select_layers
+
+DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """The options of a sweep; `keras-l2 sweep --help` describes each (`layers`: `--layers`, ...).
+
+    `model` ("module:function") and `data` (an .npz path) name the user's model
+    and data for the command line; `run_sweep(config, model=..., data=...)`
+    takes a function and arrays or datasets directly. `hidden` and
+    `train_size` apply to the built-in MLP and the digits only.
+    """
+
+    lambdas: tuple = DEFAULT_LAMBDAS
+    route: str = "regularizer"
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    # The hidden layers only: the free output layer next to them shows what L2 changes.
+    layers: str | None = "hidden_.*"  # names (comma-separated) or a regex; None: every Dense layer
+    hidden: tuple = (512, 512)
+    epochs: int = 60
+    batch_size: int = 32
+    seeds: int = 1
+    workers: int = 1
+    train_size: int = 200
+    data: str | None = None  # an .npz; None: scikit-learn's digits
+    model: str | None = None  # "module:function" building the model; None: the built-in MLP
+    tracking_uri: str | None = None
+    experiment: str = "keras_l2-sweep"
+    results_dir: str = "experiments/results"
+    max_delay: float = 5.0  # the most seconds a run's end waits on the tracking store (then: spooled)
+    spool_dir: str | None = None  # where undelivered records go; None: mlruns/keras_l2_pending/
+    verbose: int = 1
+
+
+def parse_lambdas(text: str) -> tuple:
+    """'0,1e-3,0.01' -> (0.0, 0.001, 0.01): each a finite float >= 0, no repeats."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--lambdas: give at least one lambda, e.g. 0,1e-3,1e-2. Received: {text!r}")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"--lambdas: {part!r} is not a number (allowed: finite floats >= 0, "
+                             f"comma-separated)") from None
+        try:
+            values.append(check_l2(value))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--lambdas: {part!r}: {error}") from None
+    if len(set(values)) != len(values):
+        raise ValueError(f"--lambdas: repeated values in {text!r}")
+    return tuple(sorted(values))
+
+
+def check_config(config: SweepConfig) -> SweepConfig:
+    if config.route not in ROUTES:
+        raise ValueError(f"--route: unknown route {config.route!r}; choose one of {', '.join(ROUTES)}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer: unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    for name in ("epochs", "seeds", "workers", "batch_size", "train_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= 1. Received: {value!r}")
+    if not (isinstance(config.learning_rate, float) and math.isfinite(config.learning_rate)
+            and config.learning_rate > 0):
+        raise ValueError(f"--learning-rate: must be a finite float > 0. Received: {config.learning_rate!r}")
+    if isinstance(config.max_delay, bool) or not isinstance(config.max_delay, (int, float)) or not (
+            math.isfinite(config.max_delay) and config.max_delay >= 0):
+        raise ValueError(f"max_delay: must be a finite number of seconds >= 0. Received: {config.max_delay!r}")
+    config.lambdas = tuple(sorted(check_l2(v) for v in config.lambdas))
+    return config
+
+
+def choose_layers(model, spec: str | None) -> list:
+    """The Dense layers named in `spec` (comma-separated names, or a regex); all by default."""
+    dense = [layer.name for layer in select_layers(model)]
+    if spec is None or spec.strip() == "":
+        return select_layers(model)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if all(name in dense for name in names):
+        return select_layers(model, names=names)
+    try:
+        pattern = re.compile(spec)
+    except re.error as error:
+        raise ValueError(f"--layers: {spec!r} is neither Dense layer names ({dense}) nor a valid regex "
+                         f"({error})") from None
+    chosen = [name for name in dense if pattern.fullmatch(name)]
+    if not chosen:
+        raise ValueError(f"--layers: {spec!r} matches none of the Dense layers {dense}")
+    return select_layers(model, names=chosen)

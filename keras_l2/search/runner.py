@@ -1,0 +1,258 @@
+"""The run loop: one model per lambda (and seed), under one MLflow parent run.
+
+`run_sweep(config, model=..., data=...)` trains the model once per lambda and
+seed, every run of a seed from the same initial weights and the same data
+order, in this process or in `config.workers` worker processes. Each run is a
+child of the sweep's parent run, logged by `MlflowL2Logger`; the parent run
+goes through the same delivery (`Outbox`): a tracking server that dies during
+the sweep costs its end at most `config.max_delay` seconds, and what could
+not be sent is saved in the spool directory and sent later
+(`keras-l2 send-pending`). A tracking server that is down when the sweep
+starts is refused at once, before any run is created.
+
+Example (a one-epoch sweep of the user's own model on tiny data):
+
+>>> import tempfile, keras, numpy as np
+>>> from keras_l2.search import SweepConfig, run_sweep
+>>> def my_model():
+...     inputs = keras.Input((4,))
+...     hidden = keras.layers.Dense(8, activation="relu", name="features")(inputs)
+...     return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(hidden))
+>>> rng = np.random.default_rng(0)
+>>> data = (rng.normal(size=(30, 4)), np.arange(30) % 3, rng.normal(size=(9, 4)), np.arange(9) % 3)
+>>> with tempfile.TemporaryDirectory() as root:
+...     result = run_sweep(SweepConfig(lambdas=(0.0, 1.0), layers="features", epochs=1, verbose=0,
+...                                    tracking_uri=f"sqlite:///{root}/mlflow.db", results_dir=root),
+...                        model=my_model, data=data)
+>>> sorted(result["by_lambda"]), result["results"][0]["chosen"]
+([0.0, 1.0], ['features'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from keras_l2.search.config import SweepConfig, check_config
+from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, digits, load_npz
+from keras_l2.search.models import check_model, load_model_spec, mlp_function
+from keras_l2.search.report import draw_plots, summarize
+from keras_l2.search.training import RunPlan, train_one
+from keras_l2.tracking.outbox import Outbox
+from keras_l2.tracking.store import TrackingStore, open_store, resolve_store
+
+LOG = logging.getLogger("keras_l2")
+PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer before the sweep is refused
+PARENT_TIMEOUT = 60.0  # seconds to wait for the parent run's id (a busy SQLite store is slow, not down)
+
+
+def run_sweep(config: SweepConfig | None = None, model: Callable | None = None, data=None,
+              callbacks: Sequence = ()) -> dict:
+    """Runs the sweep; returns {"parent_run_id", "results", "best", "by_lambda", "plots", "table"}.
+
+    Args:
+        config: the options (`SweepConfig()` by default).
+        model: a function building the model (see `keras_l2.search.models`);
+            None: `config.model` ("module:function"), else the built-in MLP.
+        data: `(x_train, y_train, x_val, y_val)` NumPy arrays (labels as class
+            ids or one-hot rows), or `(train, val)` batched `tf.data` datasets
+            of `(x, one-hot y)` (see `keras_l2.search.data` for n);
+            None: `config.data` (an .npz), else the digits.
+        callbacks: Keras callbacks added to every run's `fit` (after the
+            logger); with `workers > 1`, each worker gets a copy.
+
+    Raises:
+        ValueError: bad options, data, or a model that does not fit them; a
+            tracking server that does not answer. All before any run is created.
+    """
+    return prepare_sweep(config, model, data).run(callbacks)
+
+
+def prepare_sweep(config: SweepConfig | None = None, model: Callable | None = None, data=None) -> PreparedSweep:
+    """Checks everything `run_sweep` takes (same arguments) and creates nothing; `.run()` runs the sweep."""
+    config = check_config(config if config is not None else SweepConfig())
+    data = _resolve_data(config, data)
+    build = _resolve_model(config, model, data)
+    if config.workers > 1 and isinstance(data, DatasetData):
+        raise ValueError(f"workers: tf.data datasets cannot be sent to worker processes; use workers=1 or "
+                         f"NumPy arrays. Received: workers={config.workers}")
+    store = resolve_store(config.tracking_uri)
+    _check_reachable(store)
+    return PreparedSweep(config, data, build, store, _parent_params(config, data, model))
+
+
+@dataclasses.dataclass
+class PreparedSweep:
+    """A checked sweep (see `prepare_sweep`); nothing is created until `run`."""
+
+    config: SweepConfig
+    data: SweepData | DatasetData
+    build: Callable
+    store: TrackingStore
+    params: dict
+
+    def run(self, callbacks: Sequence = ()) -> dict:
+        """Runs the sweep (see `run_sweep`)."""
+        config, data, store = self.config, self.data, self.store
+        outbox = Outbox(store, spool_dir=config.spool_dir, request_timeout=min(5.0, max(1.0, config.max_delay)))
+        parent = outbox.create_run(config.experiment, run_name=f"sweep {config.route} {len(config.lambdas)} lambdas",
+                                   tags={"sweep.data": data.name, "sweep.route": config.route})
+        outbox.log(parent, params=self.params)
+        parent_id = outbox.run_id(parent, timeout=PARENT_TIMEOUT)
+        if parent_id is None:
+            outbox.close()
+            raise RuntimeError(f"The sweep's parent run was not created in {store.tracking_uri} within "
+                               f"{PARENT_TIMEOUT:g} s; its records are saved in {outbox.spool_dir}.")
+        plan = RunPlan(config, data, self.build, parent_id, store.tracking_uri, tuple(callbacks))
+        jobs = [(l2, seed) for seed in range(config.seeds) for l2 in config.lambdas]
+        if config.verbose:
+            print(f"Sweep: {len(config.lambdas)} lambdas x {config.seeds} seed(s) = {len(jobs)} runs on "
+                  f"{data.name}, route {config.route}, {config.workers} worker(s); MLflow {store.tracking_uri}, "
+                  f"parent run {parent_id}", flush=True)
+        started = time.perf_counter()
+        status, plots = "FAILED", []
+        try:
+            results = _run_jobs(plan, jobs, started)
+            summary = summarize(config, results)
+            plots = draw_plots(config, results, summary, Path(config.results_dir))
+            outbox.log(parent, metrics={"best_lambda": summary["best"]["l2"],
+                                        "best_val_data_loss": summary["best"]["val_data_loss"]})
+            status = "FINISHED"
+        finally:
+            _end_parent(outbox, parent, plots, status, config.max_delay)
+        if config.verbose:
+            _print_summary(summary, plots, parent_id, store.tracking_uri, started)
+        return {"parent_run_id": parent_id, "results": results, "plots": plots, **summary}
+
+
+def _resolve_data(config: SweepConfig, data) -> SweepData | DatasetData:
+    if data is not None:
+        return as_sweep_data(data)
+    return load_npz(config.data) if config.data else digits(config.train_size)
+
+
+def _resolve_model(config: SweepConfig, model, data) -> Callable:
+    """The model function, checked against the data and `config.layers` by building it once."""
+    if model is None and config.model:
+        model = load_model_spec(config.model)
+    if model is None:
+        model = mlp_function(data.features, data.classes, config.hidden)
+    elif not callable(model):
+        raise ValueError(f"model: expected a function that builds a keras.Model. Received: {model!r:.80}")
+    check_model(model, data.features, data.classes, config.layers)
+    return model
+
+
+def _parent_params(config: SweepConfig, data, model) -> dict:
+    params = {"sweep.lambdas": ",".join(f"{v:g}" for v in config.lambdas), "sweep.route": config.route,
+              "sweep.optimizer": config.optimizer, "sweep.learning_rate": config.learning_rate,
+              "sweep.epochs": config.epochs, "sweep.seeds": config.seeds, "sweep.layers": config.layers or "all",
+              "sweep.data": data.name}
+    if model is None and not config.model:
+        params["sweep.hidden"] = ",".join(map(str, config.hidden))
+    else:
+        params["sweep.model"] = config.model if model is None else getattr(model, "__qualname__", repr(model))
+    return params
+
+
+@contextlib.contextmanager
+def _one_short_request(timeout: float):
+    """MLflow client calls inside make one try with a `timeout`: its default retries wait minutes on a dead server."""
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{max(1.0, timeout):g}"}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check_reachable(store) -> None:
+    """Opens the store (a new SQLite store is created once, before any worker opens it); a server must answer."""
+    if not store.tracking_uri.startswith(("http://", "https://")):
+        open_store(store)
+        return
+    with _one_short_request(PROBE_TIMEOUT):
+        try:
+            open_store(store).search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 - any failure to answer means the same to the user
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise ValueError(f"--tracking-uri: the MLflow server {store.tracking_uri} does not answer ({reason}); "
+                             "start it, or pass another tracking URI. No run was created.") from None
+
+
+def _end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> None:
+    """Ends the parent run through the outbox: at most `max_delay` s of waiting, then the rest is spooled."""
+    delivered = outbox.flush(max_delay)
+    if delivered and plots:
+        # TODO(tracking): log_artifact through the outbox once it has one; until then the plots go
+        # through a client, only while the store answers, and a failure leaves them on disk only.
+        import mlflow
+
+        client = mlflow.MlflowClient(outbox.store.tracking_uri)
+        try:
+            with _one_short_request(max_delay):
+                for path in plots:
+                    client.log_artifact(outbox.run_id(parent), str(path), artifact_path="plots")
+        except Exception as error:  # noqa: BLE001 - the sweep is done; its plots are in results_dir
+            LOG.warning("keras_l2: the sweep's plots were not attached to its parent run (%s); they are in %s.",
+                        str(error).splitlines()[0][:200] if str(error) else type(error).__name__,
+                        plots[0].parent)
+    outbox.end_run(parent, status)
+    outbox.close(max_delay if delivered else 0.0)
+
+
+def _print_summary(summary: dict, plots: list, parent_id: str, store_uri: str, started: float) -> None:
+    print(summary["table"])
+    best = summary["best"]
+    zero = summary["by_lambda"].get(0.0)
+    versus = (f" ({best['val_data_loss']:.4f} against {zero['val_data_loss']:.4f} at lambda 0)"
+              if zero and best["l2"] != 0.0 else "")
+    print(f"Best lambda on validation data loss: {best['l2']:g}{versus}.")
+    print(f"Plots: {', '.join(str(p) for p in plots)}")
+    print(f"Runs: parent {parent_id} in {store_uri}. Open the MLflow UI: make ui "
+          f"(or: mlflow ui --backend-store-uri {store_uri})")
+    print(f"Took {time.perf_counter() - started:.0f} s.")
+
+
+def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:
+    total, verbose = len(jobs), plan.config.verbose
+    if plan.config.workers == 1:
+        results = []
+        for index, (l2, seed) in enumerate(jobs):
+            results.append(train_one(plan, l2, seed, f"[{index + 1}/{total}]"))
+            _report(verbose, index + 1, total, started)
+        return results
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # never fork a process that has TensorFlow threads
+    results = []
+    with concurrent.futures.ProcessPoolExecutor(plan.config.workers, mp_context=context,
+                                                initializer=_quiet_worker) as pool:
+        futures = [pool.submit(train_one, plan, l2, seed, f"[{index + 1}/{total}]")
+                   for index, (l2, seed) in enumerate(jobs)]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            results.append(future.result())
+            _report(verbose, done, total, started)
+    return sorted(results, key=lambda r: (r["seed"], r["l2"]))
+
+
+def _quiet_worker():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _report(verbose, done, total, started):
+    if verbose:
+        elapsed = time.perf_counter() - started
+        print(f"-- {done}/{total} runs done, {elapsed:.0f} s elapsed, about "
+              f"{elapsed / done * (total - done):.0f} s to go", flush=True)

@@ -1,0 +1,84 @@
+"""One run of a sweep: build the model, put L2 on the chosen layers, compile, fit with the logger."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from keras_l2 import MlflowL2Logger
+from keras_l2.routes import apply_route, make_optimizer
+from keras_l2.search.config import SweepConfig, choose_layers
+from keras_l2.search.data import DatasetData, SweepData
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What every run of a sweep shares (sent to the worker processes)."""
+
+    config: SweepConfig
+    data: SweepData | DatasetData
+    build: Callable
+    parent_run_id: str
+    store_uri: str
+    callbacks: tuple = ()
+
+
+def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
+    """Trains one model with lambda `l2`; returns its per-epoch history and final norms."""
+    config, data = plan.config, plan.data
+    keras.utils.clear_session()  # the same auto-generated layer names in every run
+    keras.utils.set_random_seed(seed)
+    model = plan.build()
+    chosen = choose_layers(model, config.layers)
+    optimizer, loss = apply_route(model, config.route, make_optimizer(config.optimizer, config.learning_rate), l2,
+                                  data.n, chosen)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    logger = MlflowL2Logger(
+        tracking_uri=plan.store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
+        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route},
+        max_delay=config.max_delay, spool_dir=config.spool_dir, verbose=0,
+    )
+    progress = _Progress(f"{position} l2={l2:<8g} seed={seed}", config.epochs, config.verbose)
+    # The same data order for every lambda of a seed: shuffling draws from Keras' seeded generator.
+    keras.utils.set_random_seed(1000 + seed)
+    history = model.fit(**data.fit_args(config.batch_size), epochs=config.epochs, verbose=0,
+                        callbacks=[logger, progress, *plan.callbacks]).history
+    return {
+        "l2": l2, "seed": seed, "run_id": logger.run_id, "history": history,
+        "norms": {layer: trajectory[-1] for layer, trajectory in progress.norm_history.items()},
+        "chosen": [layer.name for layer in chosen], "norm_history": progress.norm_history,
+    }
+
+
+class _Progress(keras.callbacks.Callback):
+    """Prints one line per run every few epochs: epoch, data losses, ETA; records the norms."""
+
+    def __init__(self, label, epochs, verbose):
+        super().__init__()
+        self.label, self.epochs, self.verbose = label, epochs, verbose
+        self.norm_history = {}  # layer -> [initial norm, norm after each epoch]
+        self.every = max(1, epochs // 4)
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+        self._record()
+
+    def _record(self):
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.Dense):
+                value = float(np.linalg.norm(keras.ops.convert_to_numpy(layer.kernel)))
+                self.norm_history.setdefault(layer.name, []).append(value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record()
+        done = epoch + 1
+        if self.verbose and (done % self.every == 0 or done == self.epochs):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / done * (self.epochs - done)
+            print(f"{self.label} epoch {done:>4}/{self.epochs}  data_loss {logs['data_loss']:.4f}  "
+                  f"val_data_loss {logs['val_data_loss']:.4f}  val_acc {logs['val_accuracy']:.3f}  "
+                  f"ETA {eta:5.1f}s", flush=True)
