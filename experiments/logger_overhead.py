@@ -41,7 +41,8 @@ MODELS = {
     "digits": ((64, 256, 256, 10), 32, 1797, 12),
     "784-1024-1024-10": ((784, 1024, 1024, 10), 256, 3072, 7),
 }
-VARIANTS = {"no logger": None, "no logger (A/A)": None, "per epoch": 0, "every 10 steps": 10, "every step": 1}
+VARIANTS = {"no logger": None, "no logger (A/A)": None, "per epoch": 0, "every 10 steps": 10}
+EVERY_STEP = {"every step": 1}  # with --every-step
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -106,7 +107,7 @@ def fit(model, x, y, batch, epochs, every, store_uri):
     return wall, cpu, logger.end_seconds, logger.hook_seconds / epochs, logger._outbox.cpu_seconds / epochs
 
 
-def run(name: str, route: str, rounds: int, store_uri: str):
+def run(name: str, route: str, rounds: int, store_uri: str, variants: dict):
     sizes, batch, _, epochs = MODELS[name]
     x, y = data(name)
     # One model for every variant, so that the only difference is the logger
@@ -114,18 +115,18 @@ def run(name: str, route: str, rounds: int, store_uri: str):
     # denormals do). The logger's metrics attach and detach per fit; on
     # TensorFlow both traced versions of the step are kept, so neither retraces.
     model = build(sizes, route, len(x))
-    models = {v: model for v in VARIANTS}
-    for variant, every in VARIANTS.items():  # warm-up: trace, create the store
+    models = {v: model for v in variants}
+    for variant, every in variants.items():  # warm-up: trace, create the store
         fit(models[variant], x[: 2 * batch], y[: 2 * batch], batch, 3, every, store_uri)
-    rows = {v: [] for v in VARIANTS}  # per round: (wall s, wall ratio, cpu ratio, end wait s, hooks s, delivery s)
+    rows = {v: [] for v in variants}  # per round: (wall s, wall ratio, cpu ratio, end wait s, hooks s, delivery s)
     for r in range(rounds):
-        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
-        timed = {v: fit(models[v], x, y, batch, epochs, VARIANTS[v], store_uri) for v in order}
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        timed = {v: fit(models[v], x, y, batch, epochs, variants[v], store_uri) for v in order}
         wall0, cpu0 = timed["no logger"][:2]
         for variant, (wall, cpu, end, hooks, delivery) in timed.items():
             rows[variant].append((wall, wall / wall0, cpu / cpu0, end, hooks, delivery))
     steps = -(-len(x) // batch)
-    return {v: (*(statistics.median(column) for column in zip(*rows[v], strict=True)), steps) for v in VARIANTS}
+    return {v: (*(statistics.median(column) for column in zip(*rows[v], strict=True)), steps) for v in variants}
 
 
 def main() -> None:
@@ -136,7 +137,9 @@ def main() -> None:
     parser.add_argument("--route", default="regularizer", choices=["regularizer", "loss", "coupled", "decoupled"])
     parser.add_argument("--threads", type=int, default=1,
                         help="TensorFlow CPU threads (0: TensorFlow's default); see benchmark.py")
+    parser.add_argument("--every-step", action="store_true", help="also time logging at every step")
     args = parser.parse_args()
+    variants = {**VARIANTS, **(EVERY_STEP if args.every_step else {})}
     names = [m for m in args.models.split(",") if m]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
@@ -156,7 +159,7 @@ def main() -> None:
         store_uri = f"sqlite:///{Path(root) / 'mlflow.db'}"
         for name in names:
             for variant, (wall, ratio, cpu, end, hooks, delivery, steps) in run(
-                    name, args.route, rounds, store_uri).items():
+                    name, args.route, rounds, store_uri, variants).items():
                 print(f"{name:<18}{variant:<17}{steps:>12}{wall * 1e3:>10.1f}{ratio:>11.3f}{cpu:>10.3f}"
                       f"{end * 1e3:>19.1f}{hooks * 1e3:>16.2f}{delivery * 1e3:>23.2f}")
 

@@ -5,6 +5,9 @@ import os
 # JAX silently computes in float32 unless x64 is enabled before it is imported.
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# As in CI (where MLflow turns it off itself): its client sets and pops a variable from another
+# thread, which races with MLflow's own requests (KeyError: '_MLFLOW_TELEMETRY_SESSION_ID').
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

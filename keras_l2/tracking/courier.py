@@ -118,7 +118,7 @@ class Courier:
         return None if self._process is None else self._process.pid
 
     def environment(self) -> dict:
-        env = dict(os.environ)
+        env = _copy_environ()
         env.update(
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
             MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
@@ -231,3 +231,13 @@ class Courier:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def _copy_environ() -> dict:
+    """`dict(os.environ)`, retried: MLflow's telemetry thread pops a variable of its own while we copy."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except KeyError:
+            continue
+    return dict(os.environ)
