@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml
 
 # The whole suite on TensorFlow (the default backend), then the core
 # numerical tests (marker `core`) on JAX (x64) and PyTorch, and the XLA and
-# mixed-precision checks (marker `deploy`) on JAX. Tests that start several
-# training processes (marker `multiprocess`: tf.distribute, JAX DataParallel,
-# concurrent sweeps) take minutes: `make test-multiprocess` runs them, and CI
-# (.ci/run) runs both. `make test-all` is the same as CI.
+# mixed-precision checks (marker `deploy`) on JAX. Tests that start other
+# processes (marker `multiprocess`: tf.distribute, JAX DataParallel, concurrent
+# sweeps, real `mlflow server`s, the experiment scripts) take minutes:
+# `make test-multiprocess` runs them, and CI (.ci/run) runs both.
+# `make test-all` is the same as CI.
 test: setup lint test-tensorflow test-jax test-torch test-ui
 
 test-all: test test-multiprocess
@@ -33,7 +34,7 @@ PYTEST_WORKERS ?= 2
 test-tensorflow: setup
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not ui and not multiprocess"
 
-# Each of these starts its own processes (two per test at most).
+# Each of these starts its own processes (a server, or two training processes at most).
 test-multiprocess: setup
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -m multiprocess
 

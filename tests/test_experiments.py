@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_benchmark_prints_a_ratio_for_every_variant():
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
@@ -49,6 +50,7 @@ def test_store_race_reports_no_failure_through_open_store():
     assert trial == "0" and locked == "0/3" and plain.endswith("/3")
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_compare_routes_sgd_coincide_adam_decoupled_differs():
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "compare_routes.py"), "--epochs", "3", "--hidden", "8,8"],
@@ -63,6 +65,7 @@ def test_compare_routes_sgd_coincide_adam_decoupled_differs():
     assert rows[("adam", "decoupled")] > 1e-3  # the L2-vs-weight-decay gap
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_logger_overhead_prints_every_variant():
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "logger_overhead.py"), "--rounds", "1", "--models", "digits"],

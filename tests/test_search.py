@@ -205,6 +205,7 @@ class KillServerAtLastRunEnd(keras.callbacks.Callback):
             self.killed_at = time.monotonic()
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_a_server_killed_at_the_end_costs_at_most_max_delay_and_the_parent_is_spooled(tmp_path, store):
     max_delay = 2.0
     with MlflowServer(tmp_path / "server", store=store) as server:

@@ -55,6 +55,7 @@ def _mlflow_rate(uri: str, steps: int, keys: list) -> float:
     return len(points) / (time.perf_counter() - started)
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 @pytest.mark.parametrize("kind", ["server", "sqlite"])
 def test_a_healthy_store_keeps_up_with_mlflows_own_client(kind, server, tmp_path):
     # Was: requests 2 s apart with at most 1000 metrics each, about 500 points/s.
@@ -78,6 +79,7 @@ def test_a_healthy_store_keeps_up_with_mlflows_own_client(kind, server, tmp_path
     assert rate >= SHARE_OF_MLFLOW * ceiling, (rate, ceiling)
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_train_end_waits_under_half_a_second_at_every_step_on_a_healthy_server(server, tmp_path):
     # Was: 3 s, with 3,014 records spooled and the run left RUNNING.
     from keras_l2.search.data import all_digits

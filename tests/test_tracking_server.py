@@ -86,6 +86,7 @@ def _assert_every_epoch_once(client, run_id):
         assert steps == expected, (key, steps)
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_server_killed_and_restarted_mid_fit_loses_and_duplicates_nothing(tmp_path, caplog):
     x, y = data(24)
     with MlflowServer(tmp_path / "server") as server, caplog.at_level(logging.WARNING, logger="keras_l2"):
@@ -114,6 +115,7 @@ def test_server_killed_and_restarted_mid_fit_loses_and_duplicates_nothing(tmp_pa
     print(f"fit with a {EPOCHS}-epoch outage took {elapsed:.1f} s")
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_server_down_from_the_start_trains_to_the_end_and_delivers_later(tmp_path):
     # A separate process trains while nothing listens on the port and exits;
     # its records survive it in the spool and reach the server once it is up.
@@ -169,6 +171,7 @@ def test_server_down_from_the_start_trains_to_the_end_and_delivers_later(tmp_pat
           f"fit without logger {baseline_fit:.1f} s)")
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_replaying_a_spool_twice_creates_no_duplicates(tmp_path):
     from keras_l2.tracking.outbox import Outbox
     from keras_l2.tracking.store import TrackingStore
@@ -202,6 +205,7 @@ def test_flush_never_waits_longer_than_asked(tmp_path, max_delay):
     assert time.perf_counter() - started < max_delay + 5.0
 
 
+@pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_make_ui_serves_the_embedded_store(tmp_path):
     """`make ui` starts the MLflow UI on 127.0.0.1 over mlruns/, with a run logged there."""
     import os
