@@ -52,7 +52,3 @@ class L2Route:
     def covers(self, kernel) -> bool:
         """Whether this route regularizes `kernel` (answered without binding to a model)."""
         raise NotImplementedError
-
-    def describe(self) -> str:
-        """One line for people: kind, mode, lambda, n."""
-        return f"{type(self).__name__}(kind={self.kind!r}, mode={self.mode!r}, l2={self.l2!r}, n={self.n!r})"
