@@ -22,7 +22,7 @@ from keras_l2.routes import OPTIMIZERS, ROUTES, apply_route, make_optimizer, set
 from keras_l2.schedule import LambdaScheduler
 from keras_l2.selection import select_layers
 from keras_l2.tracking.callback import MlflowL2Logger
-from keras_l2.tracking.outbox import send_pending
+from keras_l2.tracking.resend import send_pending
 
 __version__ = "0.1.0"
 

@@ -20,16 +20,21 @@ def main(argv=None) -> int:
                            description=command.DESCRIPTION)
     command.add_arguments(sweep)
     pending = sub.add_parser("send-pending", help="deliver MLflow records saved during an outage")
-    pending.add_argument("--tracking-uri", default=None)
-    pending.add_argument("--spool-dir", default=None)
-    pending.add_argument("--timeout", type=float, default=30.0)
+    pending.add_argument("--tracking-uri", default=None,
+                         help="send the records of this store only (default: of every store with records pending)")
+    pending.add_argument("--spool-dir", default=None, help="where they were saved (default: mlruns/keras_l2_pending)")
+    pending.add_argument("--timeout", type=float, default=30.0, help="seconds per store (default: %(default)s)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.command == "send-pending":
-        from keras_l2.tracking.outbox import send_pending
+        from keras_l2.tracking.resend import pending_stores, send_pending
 
-        left = send_pending(args.tracking_uri, spool_dir=args.spool_dir, timeout=args.timeout)
-        print(f"{left} record(s) still pending.")
+        if args.tracking_uri is None and not pending_stores(args.spool_dir):
+            print("No records are pending.")
+            return 0
+        left = send_pending(args.tracking_uri, spool_dir=args.spool_dir, timeout=args.timeout,
+                            report=lambda uri, sent, left: print(f"{uri}: {sent} record(s) sent, {left} still "
+                                                                 "pending."))
         return 0 if left == 0 else 1
     return command.run(args, sweep)
 

@@ -140,6 +140,41 @@ def test_a_killed_delivery_process_loses_no_record(tmp_path):
     assert client.get_run(outbox.run_id(run)).info.status == "FINISHED"
 
 
+def test_records_that_trickle_in_during_training_share_jobs_and_flush_does_not_wait_for_the_pacing(tmp_path):
+    # Was: one job (one MLflow request, ~12 ms of the delivery process's CPU) per record as it came.
+    from keras_l2.tracking import outbox as outbox_module
+
+    outbox = Outbox(TrackingStore(f"sqlite:///{tmp_path / 'store.db'}"), spool_dir=tmp_path / "spool")
+    run = outbox.create_run("pacing")
+    assert outbox.flush(60)  # the delivery process is up and the run exists
+    jobs, deliver = [], outbox._courier.deliver
+
+    def counted(store, runs, batch, **kwargs):
+        jobs.append(len(batch))
+        return deliver(store, runs, batch, **kwargs)
+
+    outbox._courier = type("Counted", (), {"deliver": staticmethod(counted), "ready": outbox._courier.ready,
+                                           "warm": outbox._courier.warm})()
+    records, spread = 40, 2 * outbox_module._JOB_GAP_S  # 40 records over two pacing gaps
+    for step in range(1, records + 1):
+        outbox.log(run, metrics={"loss": float(step)}, step=step)
+        time.sleep(spread / records)
+    assert outbox.flush(60)
+    assert sum(jobs) == records
+    assert len(jobs) <= 4, jobs  # at most one job per gap (plus the one flush started), not one per record
+    client = mlflow.MlflowClient(outbox.store.tracking_uri)
+    assert sorted(m.step for m in client.get_metric_history(outbox.run_id(run), "loss")) == list(range(1, 41))
+    with outbox._cond:
+        outbox._next_job_at = time.monotonic() + 3600  # the next paced job is an hour away
+    outbox.log(run, metrics={"loss": 0.0}, step=41)
+    outbox.end_run(run)
+    time.sleep(0.3)
+    assert outbox.pending() == 2  # held by the pacing...
+    assert outbox.flush(60)  # ...which a flush skips
+    assert client.get_run(outbox.run_id(run)).info.status == "FINISHED"
+    outbox.close()
+
+
 def test_a_process_that_dies_while_rewriting_the_spool_leaves_no_temporary(tmp_path):
     # Was: `<uuid>.tmp` stayed in the spool folder for good.
     spool, uri = tmp_path / "spool", f"http://127.0.0.1:{free_port()}"

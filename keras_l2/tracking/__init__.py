@@ -4,7 +4,7 @@ Names are imported on first use (PEP 562), so that the delivery process,
 which imports `keras_l2.tracking.worker`, never imports Keras or TensorFlow.
 
 - `callback`: `MlflowL2Logger`, the Keras callback;
-- `outbox`: `Outbox` (queue and delivery) and `send_pending`;
+- `outbox`: `Outbox` (queue and delivery); `resend`: `send_pending`;
 - `worker` / `courier`: the delivery process and its parent side;
 - `records`, `spool`: what is delivered, and how it is saved meanwhile;
 - `store`: `resolve_store` (which MLflow store) and the SQLite schema lock;
@@ -24,7 +24,7 @@ import importlib
 _EXPORTS = {
     "MlflowL2Logger": "keras_l2.tracking.callback",
     "Outbox": "keras_l2.tracking.outbox",
-    "send_pending": "keras_l2.tracking.outbox",
+    "send_pending": "keras_l2.tracking.resend",
     "resolve_store": "keras_l2.tracking.store",
 }
 

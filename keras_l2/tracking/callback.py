@@ -15,7 +15,7 @@ from keras_l2.tracking.norms import reader_for
 from keras_l2.tracking.outbox import Outbox
 from keras_l2.tracking.settings import Settings
 from keras_l2.tracking.step_hooks import StepHooks, never_raises
-from keras_l2.tracking.store import resolve_store
+from keras_l2.tracking.store import resolve_store, ui_hint
 from keras_l2.tracking.values import (
     DenseKernels,
     description_params,
@@ -44,7 +44,7 @@ class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
       l2_penalty), `val_l2_penalty`, `val_data_loss` (the validation loss
       without the penalty, comparable across lambdas), and
       `weight_norm/<layer>`, the Frobenius norm of every Dense kernel, chosen
-      or not. Step 0 holds the initial norms and lambda;
+      or not. Step 0 (`initial_epoch` when resuming) holds the starting norms and lambda;
     - with `log_every_n_steps=k`, also every k optimizer steps, at step =
       the global step, under `step/<name>`: Keras' running epoch averages,
       `step/lambda` and `step/weight_norm/<layer>`. On PyTorch and JAX these
@@ -140,6 +140,7 @@ class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
         self._tracked = TrackedRun(self._outbox, self.settings)
         self._spool_checked = False
         self._run = None  # the outbox's key for the run being logged to; None: not logging
+        self._start_values = None  # the norms and lambda at train begin, until the first epoch begins
         self._l2_model = None
         self._in_fit = False
         self._reported_error = False
@@ -200,7 +201,7 @@ class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
                 # and PyTorch) dropped it, and `fit` would call None.
                 model.make_train_function()
         self._in_fit = True
-        self._run = None
+        self._run = self._start_values = None
         self._epoch_start_step = 0
         for cadence in (self._cadence, self._norm_cadence):
             if cadence is not None:
@@ -227,10 +228,21 @@ class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
         self._outbox.log(self._run, tags=self._dense.tags())
         values = norm_metrics(self._norm_keys, self._norms())
         values["lambda"] = self._current_lambda(model)
-        self._outbox.log(self._run, metrics=values, step=0)
+        # Logged when the first epoch begins, at its number: a resumed fit (initial_epoch=5) starts at step 5.
+        self._start_values = values
         if self.settings.verbose:
             print(f"MlflowL2Logger: logging to {self.store.tracking_uri} (experiment "
                   f"{self.settings.experiment_name!r}, route {self._route}).")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._log_start(epoch)
+
+    @never_raises
+    def _log_start(self, step: int) -> None:
+        if self._run is not None and self._start_values is not None:
+            self._outbox.log(self._run, metrics=self._start_values, step=step)
+            self._start_values = None
 
     @never_raises
     def on_epoch_end(self, epoch, logs=None):
@@ -247,6 +259,7 @@ class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._in_fit = False
+        self._log_start(0)  # a fit with no epoch to run
         self._finish()
 
     def on_test_end(self, logs=None):
@@ -264,7 +277,7 @@ class MlflowL2Logger(StepHooks, keras.callbacks.Callback):
             # No second wait: close() already waited max_delay for delivery.
             run_id = self._outbox.run_id(self._run, timeout=0.0)
             print(f"MlflowL2Logger: run {run_id or '(pending delivery)'} in {self.store.tracking_uri}. "
-                  f"Open the UI with `mlflow ui --backend-store-uri {self.store.tracking_uri}` (or `make ui`).")
+                  f"{ui_hint(self.store, run_id)}")
 
     # ------------------------------------------------------------------ helpers
     def _describe(self, model):

@@ -7,9 +7,9 @@ which would re-import the user's `__main__` (a script without an
 `if __name__ == "__main__":` guard would train again). MLflow's documented
 HTTP settings are set in its environment only:
 
-- `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0` and no backoff: the outbox retries, so
-  a dead server costs one short request, not MLflow's four minutes of retries;
-- `MLFLOW_HTTP_REQUEST_TIMEOUT`: the outbox's request timeout (whole seconds);
+- `keras_l2.tracking.store.unretried_requests`: one try per request, of at
+  most the outbox's request timeout: the outbox retries, so a dead server
+  costs one short request, not MLflow's four minutes of retries;
 - `MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`, `MLFLOW_ENABLE_ASYNC_LOGGING=false`.
 
 A process that dies, or does not answer within `reply_timeout(job)`, is
@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from keras_l2.tracking.records import coalesce, to_json
+from keras_l2.tracking.store import unretried_requests
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds keras_l2/
 # The delivery process must not import Keras or TensorFlow (seconds, and a GB). `keras_l2/__init__.py`
@@ -120,11 +121,7 @@ class Courier:
     def environment(self) -> dict:
         env = _copy_environ()
         env.update(
-            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
-            MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0",
-            MLFLOW_HTTP_REQUEST_TIMEOUT=str(self.request_timeout),
-            MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER="false",
+            unretried_requests(self.request_timeout),
             MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true",
             MLFLOW_ENABLE_ASYNC_LOGGING="false",
             PYTHONIOENCODING="utf-8",

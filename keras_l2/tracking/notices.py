@@ -71,3 +71,20 @@ class Notices:
         if count != self.reported:
             LOG.warning("keras_l2: %d undelivered MLflow record(s) for %s saved in %s; `keras_l2.send_pending()` "
                         "sends them.", count, self.tracking_uri, path)
+
+
+class ResendNotices(Notices):
+    """The messages of `send_pending`: no training goes on there, and the records simply stay saved."""
+
+    def outage(self, error: str) -> bool:
+        starts = self.down is None
+        if starts:
+            LOG.warning("keras_l2: cannot reach the MLflow store %s (%s); its records stay saved in %s.",
+                        self.tracking_uri, error, self.spool_dir)
+        self.down = error
+        return starts
+
+    def spooled(self, count: int, timeout: float, path) -> None:
+        self.reported = count
+        LOG.warning("keras_l2: %d MLflow record(s) for %s still undelivered after %.1f s (%s); they stay saved "
+                    "in %s.", count, self.tracking_uri, timeout, self.down or "still sending", path)

@@ -6,9 +6,10 @@ and then raises; its async logging drops what it could not send. `Outbox`:
 - takes records on the training thread without I/O and hands them, in order,
   to the delivery process (`keras_l2.tracking.courier`), which makes short,
   unretried requests through MLflow's public client;
-- sends, whenever the previous request is answered, all that gathered
-  meanwhile: a run's metrics, params and tags in one `log_batch` within
-  MLflow's limits, with no fixed pacing;
+- starts a job at most every `_JOB_GAP_S`, sending all that gathered: a
+  run's metrics, params and tags in one `log_batch` within MLflow's limits
+  (a request costs the delivery process ~12 ms CPU, which a small model's
+  training feels); `flush`, `run_id` and a full job's backlog skip the wait;
 - keeps every record until it is settled: during an outage it retries every
   `retry_interval` s, and a delivery process that dies is restarted;
 - on `flush(timeout)` waits at most `timeout` s, then also saves what is left
@@ -38,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -54,6 +56,7 @@ from keras_l2.tracking.store import TrackingStore
 SPOOL_DIR = Path("mlruns") / "keras_l2_pending"
 _RECORDS_PER_JOB = 2000  # the most queued records one job to the delivery process covers
 _SPOOL_REWRITE_S = 1.0  # while spooled, the spool follows the queue at most this often
+_JOB_GAP_S = 0.5  # least time between job starts unless someone waits: 2 requests/s cost ~1% of a core
 
 
 class Outbox:
@@ -66,10 +69,11 @@ class Outbox:
             under the working directory.
         request_timeout: seconds one request to a tracking server may take.
         retry_interval: seconds between delivery attempts during an outage.
+        notices: what says what happened (`Notices` class); its messages are for training by default.
     """
 
     def __init__(self, store: TrackingStore, spool_dir: str | os.PathLike | None = None,
-                 request_timeout: float = 5.0, retry_interval: float = 2.0):
+                 request_timeout: float = 5.0, retry_interval: float = 2.0, notices=Notices):
         self.store = store
         self.spool_dir = Path(spool_dir) if spool_dir is not None else SPOOL_DIR.resolve()
         self.request_timeout = float(request_timeout)
@@ -84,8 +88,9 @@ class Outbox:
         self._exit_ends: dict[str, tuple[str, float]] = {}  # run key -> (status, wait) to end it with at exit
         self._cond = threading.Condition()
         self._busy = self._closed = False
-        self._retry_at = 0.0
-        self._notices = Notices(store.tracking_uri, self.spool_dir, self.retry_interval)
+        self._retry_at = self._next_job_at = 0.0
+        self._waiters = 0  # threads in flush/run_id: they skip the pacing
+        self._notices = notices(store.tracking_uri, self.spool_dir, self.retry_interval)
         self._thread = None  # runs only while there is something to deliver
         pending.register(self)
 
@@ -119,7 +124,7 @@ class Outbox:
     def run_id(self, key: str, timeout: float = 0.0) -> str | None:
         """The id of run `key`, waiting up to `timeout` s for its creation."""
         deadline = time.monotonic() + timeout
-        with self._cond:
+        with self._cond, self._waiting():
             while key not in self._runs and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
             return self._runs.get(key)
@@ -169,8 +174,7 @@ class Outbox:
         stay queued: delivery goes on in the background while the process runs).
         """
         deadline = time.monotonic() + max(0.0, timeout)
-        with self._cond:
-            self._wake()
+        with self._cond, self._waiting():
             while (self._records or self._busy) and time.monotonic() < deadline:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             if not self._records:
@@ -198,6 +202,16 @@ class Outbox:
                 self._write_spool()
                 self._wake()
         return adopted
+
+    @contextlib.contextmanager
+    def _waiting(self):
+        """Marks a thread waiting for delivery, which then skips the pacing (caller holds the lock)."""
+        self._waiters += 1
+        self._wake()
+        try:
+            yield
+        finally:
+            self._waiters -= 1
 
     def _write_spool(self) -> None:
         """Mirrors the queue into the spool file (caller holds the lock)."""
@@ -227,9 +241,12 @@ class Outbox:
                     self._thread = None
                     self._cond.notify_all()
                     return
-                if time.monotonic() < self._retry_at:  # wait out an outage
-                    self._cond.wait(self._retry_at - time.monotonic())
+                hurry = self._waiters or len(self._records) >= _RECORDS_PER_JOB  # someone waits, or a backlog
+                start_at = self._retry_at if hurry else max(self._retry_at, self._next_job_at)
+                if time.monotonic() < start_at:  # wait out an outage, or let records gather
+                    self._cond.wait(start_at - time.monotonic())
                     continue
+                self._next_job_at = time.monotonic() + _JOB_GAP_S
                 batch, runs = list(itertools.islice(self._records, _RECORDS_PER_JOB)), dict(self._runs)
                 for index, record in enumerate(batch):
                     if isinstance(record, records.CreateRun) and not record.attempted:
@@ -281,20 +298,3 @@ class Outbox:
             if self._records:
                 self._write_spool()
                 self._notices.saved_at_exit(len(self._records), self.spool_path)
-
-
-def send_pending(tracking_uri: str | None = None, spool_dir=None, timeout: float = 30.0) -> int:
-    """Delivers records that earlier runs left in the spool; returns how many are still pending.
-
-    Args:
-        tracking_uri: the store whose records to send (resolved as
-            `MlflowL2Logger` resolves it; the embedded `mlruns/` by default).
-        spool_dir: where the records were saved (default `mlruns/keras_l2_pending/`).
-        timeout: seconds to wait for delivery.
-    """
-    from keras_l2.tracking.store import resolve_store
-
-    outbox = Outbox(resolve_store(tracking_uri), spool_dir=spool_dir)
-    outbox.adopt_spool()
-    outbox.close(timeout)
-    return outbox.pending()

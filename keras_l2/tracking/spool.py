@@ -91,6 +91,19 @@ def read(path: Path) -> tuple[dict, list[Record]]:
     return head, [from_json(json.loads(line)) for line in lines[1:] if line.strip()]
 
 
+def waiting(folder: Path) -> dict:
+    """How many records the spool files in `folder` hold, per tracking URI (stores in first-seen order)."""
+    counts: dict[str, int] = {}
+    for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
+        try:
+            head, records = read(path)
+        except (OSError, ValueError):  # claimed or rewritten meanwhile: its writer still has it
+            continue
+        if head.get("tracking_uri"):
+            counts[head["tracking_uri"]] = counts.get(head["tracking_uri"], 0) + len(records)
+    return counts
+
+
 def claim(path: Path) -> Path | None:
     """Renames `path` to a name only this call knows; None if another process claimed it first."""
     claimed = path.with_name(f"{path.name}.claimed-{os.getpid()}-{uuid.uuid4().hex[:6]}")

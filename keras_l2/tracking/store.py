@@ -26,7 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -79,6 +81,39 @@ def check_tracking_uri(uri: object) -> str:
     return uri
 
 
+def unretried_requests(timeout: float) -> dict:
+    """MLflow's documented HTTP settings for one try per request, of at most `timeout` s (whole seconds).
+
+    By default MLflow's client retries with backoff for minutes on a dead
+    server; keras_l2 retries on its own terms (the outbox), so every request
+    it makes goes out once. The delivery process runs with these in its
+    environment; `short_requests` sets them around a few calls in this one.
+    """
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
+        "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+    }
+
+
+@contextlib.contextmanager
+def short_requests(timeout: float):
+    """MLflow client calls inside make one try of at most `timeout` s (see `unretried_requests`)."""
+    values = unretried_requests(timeout)
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def resolve_store(tracking_uri: str | None = None, root: str | os.PathLike = ".", honour_user_uri: bool = True):
     """Returns the `TrackingStore` to log to (see the module docstring for the order).
 
@@ -118,6 +153,24 @@ def resolve_store(tracking_uri: str | None = None, root: str | os.PathLike = "."
     )
 
 
+def ui_hint(store: TrackingStore, run_id: str | None) -> str:
+    """How to look at run `run_id` from where the user is: the run's URL on a server, else the command to run.
+
+    `make ui` only where it works: the working directory holds this
+    repository's Makefile and the store is its embedded one.
+    """
+    if store.tracking_uri.startswith(("http://", "https://")):
+        return f"Open {store.tracking_uri.rstrip('/')}/#/runs/{run_id}" if run_id else f"Open {store.tracking_uri}"
+    if not store.tracking_uri.startswith("sqlite:///"):
+        return f"Open the MLflow UI of {store.tracking_uri}."
+    page = f", then http://127.0.0.1:5000/#/runs/{run_id}" if run_id else ", then http://127.0.0.1:5000"
+    makefile = Path("Makefile")
+    if store.embedded and Path(store.tracking_uri[len("sqlite:///"):]) == (Path.cwd() / DEFAULT_DIR / DATABASE) \
+            and makefile.is_file() and "\nui:" in makefile.read_text(errors="replace"):
+        return f"Open the MLflow UI: make ui{page}"
+    return f"Open the MLflow UI: mlflow ui --backend-store-uri {store.tracking_uri}{page}"
+
+
 def open_store(store: TrackingStore):
     """Returns an `mlflow.MlflowClient` for `store`, creating a SQLite schema once.
 
@@ -137,16 +190,21 @@ def open_store(store: TrackingStore):
     return mlflow.MlflowClient(tracking_uri=store.tracking_uri)
 
 
-def experiment_id(client, name: str, store: TrackingStore) -> str:
-    """Returns the id of experiment `name`, creating it (with the store's artifact location).
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says otherwise: created by keras_l2,
+# an experiment opens in the model-training view (runs, their metrics and charts). One that exists is left as is.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
-    `client` is an `mlflow.MlflowClient` or an MLflow tracking store object.
+
+def experiment_id(client, name: str, store: TrackingStore) -> str:
+    """Returns the id of experiment `name` (`client`: an `mlflow.MlflowClient`), creating it if needed.
+
+    A new experiment gets the store's artifact location and `EXPERIMENT_KIND`.
     """
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=store.artifact_location)
+        return client.create_experiment(name, artifact_location=store.artifact_location, tags=EXPERIMENT_KIND)
     except Exception:  # another process created it first
         found = client.get_experiment_by_name(name)
         if found is None:
