@@ -58,9 +58,10 @@ lint: setup
 	$(PY) -m ruff check keras_l2 tests experiments
 
 # The main job: the default lambda sweep on the digits, into the embedded
-# store (mlruns/), plots into experiments/results/.
+# store (mlruns/), plots into experiments/results/ (ignored by git: the
+# README's copies are in docs/images/).
 sweep: setup
-	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(PY) experiments/sweep.py $(SWEEP_ARGS)
+	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(PY) experiments/sweep.py --results-dir experiments/results $(SWEEP_ARGS)
 	@echo "Plots: experiments/results/*.png   MLflow UI: make ui"
 
 # The MLflow UI over the embedded store (mlruns/), on this machine only.

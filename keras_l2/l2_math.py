@@ -88,6 +88,16 @@ def decayed(w, l2, n, learning_rate):
     return ops.subtract(w, ops.multiply(ops.multiply(w, coefficient), lr))
 
 
+def decay_left(l2, n, learning_rate, steps: int) -> float:
+    """Returns `(1 - (2 * l2 / n) * lr) ** steps`: the share of a weight that `steps` of decoupled decay leave.
+
+    What the decay alone does to a weight that no gradient moves, in plain
+    Python floats: the sweep uses it to say when a grid of lambdas is too
+    small to matter over a run.
+    """
+    return float((1.0 - gradient_coefficient(float(l2), n) * float(learning_rate)) ** steps)
+
+
 def _scaled_squared_norm(w, value_scale, grad_scale):
     """`value_scale * ||W||_F^2`, whose gradient is `grad_scale * W`.
 

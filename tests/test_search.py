@@ -220,7 +220,9 @@ def test_a_server_killed_at_the_end_costs_at_most_max_delay_and_the_parent_is_sp
     header, *ops = map(json.loads, spooled[0])
     assert header["tracking_uri"] == server.uri
     (parent_key,) = [key for key, run_id in header["runs"].items() if run_id == result["parent_run_id"]]
-    assert {op["op"] for op in ops if op["key"] == parent_key} == {"log", "end"}
+    assert {op["op"] for op in ops if op["key"] == parent_key} == {"log", "artifact", "end"}
+    # The plots wait in the spool too, by their path (they stay in results_dir), for `keras-l2 send-pending`.
+    assert sorted(op["local_path"] for op in ops if op["op"] == "artifact") == sorted(map(str, result["plots"]))
     assert any(name == "best_lambda" for op in ops for name, *_ in op.get("metrics", ()))
     assert [op["status"] for op in ops if op["op"] == "end"] == ["FINISHED"]
 

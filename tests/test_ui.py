@@ -14,6 +14,7 @@ from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parent.parent
+# Beside `make sweep`'s plots (ignored by git): copied by hand to docs/images/ when the README should change.
 SCREENSHOT = ROOT / "experiments" / "results" / "mlflow_ui_compare.png"
 LAMBDAS = (0.0, 0.1, 1.0)
 

@@ -12,10 +12,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from keras_l2.routes import OPTIMIZERS, ROUTES
-from keras_l2.search.config import SweepConfig, parse_lambdas
+from keras_l2.search.config import DEFAULT_LEARNING_RATES, RESULTS_DIR, SweepConfig, parse_lambdas
+from keras_l2.search.report import as_json
 
 DESCRIPTION = ("Trains the same network once per lambda (and seed), every run from the same initial weights and "
                "data order, under one MLflow parent run with a child run per lambda; prints a table and the best "
@@ -30,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route", default=defaults.route, help=f"one of {', '.join(ROUTES)} (default: %(default)s)")
     p.add_argument("--optimizer", default=defaults.optimizer,
                    help=f"one of {', '.join(OPTIMIZERS)} (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="step size (default: per optimizer, "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items()) + ")")
     p.add_argument("--layers", default=defaults.layers,
                    help="Dense layers to regularize: comma-separated names (hidden_1,hidden_2,out) or a regex, "
                         "'' for all (default: %(default)s)")
@@ -39,18 +43,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "imported from the current directory or sys.path; default: the built-in MLP")
     p.add_argument("--hidden", default=",".join(map(str, defaults.hidden)),
                    help="hidden widths of the built-in MLP (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--seeds", type=int, default=defaults.seeds, help="repeat every lambda with this many seeds")
-    p.add_argument("--workers", type=int, default=defaults.workers, help="parallel training processes")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=defaults.seeds,
+                   help="repeat every lambda with this many seeds; with 2 or more the report compares lambdas "
+                        "against the seeds' spread (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="parallel training processes on this machine (default: %(default)s)")
     p.add_argument("--train-size", type=int, default=defaults.train_size,
                    help="training examples taken from the digits (default: %(default)s; the rest validates)")
-    p.add_argument("--data", default=None, help="an .npz with x_train, y_train, x_val, y_val instead of the digits")
+    p.add_argument("--data", default=None,
+                   help="an .npz with x_train, y_train, x_val, y_val instead of the digits (labels: class ids, "
+                        "strings or one-hot rows)")
+    p.add_argument("--allow-unseen-classes", action="store_true",
+                   help="accept validation classes that the training split lacks (refused by default)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: MLFLOW_TRACKING_URI, else the embedded mlruns/mlflow.db)")
-    p.add_argument("--experiment", default=defaults.experiment)
-    p.add_argument("--results-dir", default=defaults.results_dir, help="where the plots go (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment (default: %(default)s)")
+    p.add_argument("--results-dir", default=defaults.results_dir,
+                   help=f"where the plots go (default: {RESULTS_DIR}/<parent run id>)")
+    p.add_argument("--quiet", action="store_true", help="no progress output; the results still print")
+    p.add_argument("--json", action="store_true",
+                   help="print only the results, as one JSON object on stdout (no progress output)")
 
 
 def parser(prog: str = "keras-l2 sweep") -> argparse.ArgumentParser:
@@ -66,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         learning_rate=args.learning_rate, layers=args.layers, hidden=_widths(args.hidden), epochs=args.epochs,
         batch_size=args.batch_size, seeds=args.seeds, workers=args.workers, train_size=args.train_size,
         data=args.data, model=args.model, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        results_dir=args.results_dir, verbose=0 if args.quiet else 1,
+        results_dir=args.results_dir, allow_unseen_classes=args.allow_unseen_classes,
+        verbose=0 if args.quiet or args.json else 1,
     )
 
 
@@ -79,7 +94,11 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         prepared = prepare_sweep(config_from_args(args))
     except ValueError as error:
         p.exit(2, f"{p.prog}: error: {error}\n")
-    prepared.run()
+    result = prepared.run()
+    if args.json:
+        print(json.dumps(as_json(result)))
+    elif args.quiet:
+        print(result["report"])
     return 0
 
 

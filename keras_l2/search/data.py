@@ -40,6 +40,7 @@ class SweepData:
     x_val: np.ndarray
     y_val: np.ndarray
     name: str
+    class_names: tuple | None = None  # the labels of the classes, in column order, when given as strings
 
     @property
     def classes(self) -> int:
@@ -52,6 +53,9 @@ class SweepData:
     @property
     def n(self) -> int:
         return len(self.x_train)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.n // batch_size)
 
     def fit_args(self, batch_size: int) -> dict:
         """The data arguments of `model.fit`."""
@@ -69,6 +73,10 @@ class DatasetData:
     features: int
     classes: int
     name: str
+    batches: int = 0  # batches per epoch of the train dataset
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.batches
 
     def fit_args(self, batch_size: int) -> dict:
         """The data arguments of `model.fit` (the datasets keep their own batch size and order)."""
@@ -103,7 +111,7 @@ def digits(train_size: int = 200, seed: int = 0) -> SweepData:
 def load_npz(path) -> SweepData:
     """Reads `x_train, y_train, x_val, y_val` from an .npz, with clear errors.
 
-    Labels may be integer class ids (1-D) or one-hot rows (2-D).
+    Labels may be integer class ids or strings (1-D), or one-hot rows (2-D).
     """
     path = Path(path)
     if not path.is_file():
@@ -140,16 +148,47 @@ def check_arrays(arrays, name: str, source: str = "data") -> SweepData:
     if arrays["x_train"].shape[1] != arrays["x_val"].shape[1]:
         raise ValueError(f"{source}: x_train has {arrays['x_train'].shape[1]} features but x_val has "
                          f"{arrays['x_val'].shape[1]}")
-    y_train, y_val = _one_hot(arrays["y_train"], arrays["y_val"], source)
+    y_train, y_val, class_names = _labels(arrays["y_train"], arrays["y_val"], source)
+    y_train, y_val = _one_hot(y_train, y_val, source)
     return SweepData(arrays["x_train"].astype("float32"), y_train, arrays["x_val"].astype("float32"), y_val,
-                     name=f"{name} (train {len(y_train)}, val {len(y_val)})")
+                     name=f"{name} (train {len(y_train)}, val {len(y_val)})", class_names=class_names)
+
+
+def _labels(y_train, y_val, source):
+    """String labels (1-D) as class ids, in sorted order of the labels; numbers pass unchanged."""
+    text = [y.ndim == 1 and y.dtype.kind in "USO" for y in (y_train, y_val)]
+    if not any(text):
+        return y_train, y_val, None
+    if not all(text):
+        raise ValueError(f"{source}: y_train and y_val must both hold class labels of one kind; got "
+                         f"{y_train.dtype} and {y_val.dtype}")
+    try:
+        names = np.unique(np.concatenate([y_train, y_val]).astype(str))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: labels must be class ids, one-hot rows or strings ({error})") from None
+    return (np.searchsorted(names, y_train.astype(str)), np.searchsorted(names, y_val.astype(str)),
+            tuple(str(v) for v in names))
+
+
+def check_classes(data: SweepData, allow_unseen: bool = False) -> SweepData:
+    """Refuses validation classes that the training split lacks (the model cannot learn them), unless allowed."""
+    unseen = sorted(set(np.flatnonzero(data.y_val.sum(axis=0))) - set(np.flatnonzero(data.y_train.sum(axis=0))))
+    if unseen and not allow_unseen:
+        names = [data.class_names[i] if data.class_names else int(i) for i in unseen]
+        raise ValueError(f"data: y_val holds class(es) {names} that y_train lacks ({int(data.y_val[:, unseen].sum())}"
+                         " validation examples): no lambda can make the model learn them, and they weigh on every "
+                         "validation loss alike. Split the data by class (stratified), or allow it with "
+                         "--allow-unseen-classes (allow_unseen_classes=True).")
+    return data
 
 
 def _one_hot(y_train, y_val, source):
     if y_train.ndim == 1 and y_val.ndim == 1:
         for split, y in (("train", y_train), ("val", y_val)):
-            if not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
-                raise ValueError(f"{source}: y_{split} must hold integer class ids or one-hot rows")
+            if not np.issubdtype(y.dtype, np.number) or (not np.issubdtype(y.dtype, np.integer)
+                                                       and not np.all(np.mod(y, 1) == 0)):
+                raise ValueError(f"{source}: y_{split} must hold integer class ids, string labels or one-hot "
+                                 f"rows; got dtype {y.dtype}")
             if y.min() < 0:
                 raise ValueError(f"{source}: y_{split} has negative class ids")
         classes = int(max(y_train.max(), y_val.max())) + 1
@@ -201,7 +240,7 @@ def check_datasets(train, val) -> DatasetData:
         raise ValueError("data: the train dataset is empty")
     features, classes = shapes["train"]
     return DatasetData(train, val, n=n, features=features, classes=classes,
-                       name=f"tf.data (train {n} in {batches} batches)")
+                       name=f"tf.data (train {n} in {batches} batches)", batches=batches)
 
 
 def as_sweep_data(data) -> SweepData | DatasetData:

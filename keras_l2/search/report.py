@@ -15,11 +15,19 @@ Example (two hand-made runs, as `run_sweep` returns them in `results`):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
+from keras_l2 import l2_math
 from keras_l2.search.config import SweepConfig
+
+# With one seed there is no spread to compare against: two lambdas whose validation data losses differ by
+# less than this share of the best one's are called a tie (about the epoch-to-epoch noise of a settled run).
+TIE_TOLERANCE = 0.01
+BARELY_TRAINED = 0.8  # a train data loss above this share of log(classes) (chance level) is barely trained
+NEGLIGIBLE_DECAY = 0.05  # decoupled decay that takes less than this share of a weight over the run is negligible
 
 
 def summarize(config: SweepConfig, results: list) -> dict:
@@ -39,6 +47,7 @@ def summarize(config: SweepConfig, results: list) -> dict:
                  "norms": {layer: float(np.mean([r["norms"][layer] for r in runs])) for layer in runs[0]["norms"]}}
         by_lambda[l2] = entry
     best = min(by_lambda.values(), key=lambda e: e["val_data_loss"])
+    verdict = judge_best(by_lambda, best, config.seeds)
     chosen = results[0]["chosen"]
     layers = list(results[0]["norms"])
     header = (f"{'lambda':>9} {'train data loss':>16} {'val data loss':>14} {'val acc':>8} "
@@ -49,7 +58,84 @@ def summarize(config: SweepConfig, results: list) -> dict:
         lines.append(f"{entry['l2']:>9g} {entry['data_loss']:>16.4f} {entry['val_data_loss']:>14.4f} "
                      f"{entry['val_accuracy']:>8.3f} " + " ".join(f"{entry['norms'][n]:>16.3f}" for n in layers) + mark)
     lines.append("(* regularized layer; values are means over seeds)")
-    return {"by_lambda": by_lambda, "best": best, "table": "\n".join(lines)}
+    return {"by_lambda": by_lambda, "best": best, "verdict": verdict, "table": "\n".join(lines)}
+
+
+def _tied(a: dict, b: dict, seeds: int) -> bool:
+    """Whether lambdas `a` and `b` cannot be told apart on validation data loss (see `judge_best`)."""
+    difference = abs(a["val_data_loss"] - b["val_data_loss"])
+    if seeds > 1:
+        return difference <= a["val_data_loss_std"] + b["val_data_loss_std"]
+    return difference < TIE_TOLERANCE * min(a["val_data_loss"], b["val_data_loss"])
+
+
+def judge_best(by_lambda: dict, best: dict, seeds: int) -> dict:
+    """How far to trust the best lambda: ties with lambda 0 or its neighbours, and the grid's edge.
+
+    Two lambdas are tied when, with seeds, their mean validation data losses
+    differ by no more than the sum of their standard deviations over seeds;
+    with one seed, by less than `TIE_TOLERANCE` (1%) of the smaller one.
+    The best sits at the edge when it is the grid's largest lambda, or its
+    smallest non-zero one while lambda 0 is clearly worse: the minimum may
+    lie beyond, and `suggest` names lambdas to add.
+    """
+    grid = sorted(by_lambda)
+    at = grid.index(best["l2"])
+    neighbours = [grid[i] for i in (at - 1, at + 1) if 0 <= i < len(grid)]
+    zero = by_lambda.get(0.0)
+    verdict = {
+        "tied_with_zero": bool(zero is not None and best["l2"] != 0.0 and _tied(best, zero, seeds)),
+        "tied_with": [l2 for l2 in neighbours if _tied(best, by_lambda[l2], seeds)],
+        "edge": None, "suggest": [],
+    }
+    nonzero = [l2 for l2 in grid if l2 > 0]
+    if best["l2"] > 0 and best["l2"] == grid[-1]:
+        verdict["edge"], verdict["suggest"] = "largest", [3 * best["l2"], 10 * best["l2"]]
+    elif best["l2"] > 0 and best["l2"] == nonzero[0] and not verdict["tied_with_zero"]:
+        verdict["edge"], verdict["suggest"] = "smallest", [best["l2"] / 10, best["l2"] / 3]
+    return verdict
+
+
+def best_lines(summary: dict, seeds: int) -> list:
+    """The best lambda, and what to make of it, as lines for people."""
+    best, verdict, by_lambda = summary["best"], summary["verdict"], summary["by_lambda"]
+    zero = by_lambda.get(0.0)
+    versus = (f" ({best['val_data_loss']:.4f} against {zero['val_data_loss']:.4f} at lambda 0)"
+              if zero and best["l2"] != 0.0 else "")
+    lines = [f"Best lambda on validation data loss: {best['l2']:g}{versus}."]
+    noise = "the seeds' spread" if seeds > 1 else f"{TIE_TOLERANCE:.0%} (one seed; more seeds measure the spread)"
+    if verdict["tied_with_zero"]:
+        lines.append(f"  Not distinguishable from lambda 0: the difference is within {noise}.")
+    if verdict["tied_with"]:
+        lines.append(f"  Not distinguishable from its neighbour(s) {', '.join(f'{v:g}' for v in verdict['tied_with'])}"
+                     f": the difference is within {noise}.")
+    if verdict["edge"]:
+        lines.append(f"  It is the {verdict['edge']} non-zero lambda of the grid: the best may lie beyond; add "
+                     + ", ".join(f"{v:.3g}" for v in verdict["suggest"]) + " to --lambdas.")
+    return lines
+
+
+def training_notes(config: SweepConfig, summary: dict, classes: int, n: int, steps: int) -> list:
+    """Warnings about a sweep whose runs say little about lambda: a model that barely trained, inert decay."""
+    notes = []
+    weakest = summary["by_lambda"][min(summary["by_lambda"])]
+    chance = math.log(classes)
+    if weakest["data_loss"] > BARELY_TRAINED * chance:
+        notes.append(f"Warning: at lambda {weakest['l2']:g} the training data loss is still {weakest['data_loss']:.3f},"
+                     f" near chance level log({classes}) = {chance:.3f}: the model barely trained, so lambda's effect "
+                     "cannot show. Raise --learning-rate or --epochs.")
+    if config.route == "decoupled":
+        largest = max(config.lambdas)
+        taken = 1.0 - l2_math.decay_left(largest, n, config.learning_rate, steps)
+        notes.append(f"Decoupled decay per step at lambda {largest:g}: 2*lambda/n*lr = "
+                     f"{l2_math.gradient_coefficient(largest, n) * config.learning_rate:.3g}; over the run's {steps} "
+                     f"steps it alone would take {taken:.1%} of a weight.")
+        if taken < NEGLIGIBLE_DECAY:
+            # (1 - 2 lambda/n lr)^steps = 1/2  ->  lambda ~ n ln 2 / (2 lr steps)
+            half = n * math.log(2) / (2 * config.learning_rate * steps)
+            notes.append(f"Warning: that is negligible: this grid barely regularizes. Lambdas around {half:.3g} "
+                         "would halve an unused weight over the run.")
+    return notes
 
 
 def draw_plots(config: SweepConfig, results: list, summary: dict, directory: Path) -> list:
@@ -88,7 +174,8 @@ def draw_plots(config: SweepConfig, results: list, summary: dict, directory: Pat
     best = summary["best"]
     ax.axvline(best["l2"], color="gray", linestyle=":", label=f"best lambda {best['l2']:g}")
     ax.set_ylabel("cross-entropy (no penalty)")
-    ax.set_title(f"Data loss vs lambda ({config.route}, {config.seeds} seed(s))")
+    bars = f"error bars: std over {config.seeds} seeds" if config.seeds > 1 else "one seed: no error bars"
+    ax.set_title(f"Data loss vs lambda ({config.route}; {bars})", fontsize=10)
     finish(fig, ax, "loss_vs_lambda.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -113,10 +200,29 @@ def draw_plots(config: SweepConfig, results: list, summary: dict, directory: Pat
     axes[0][-1].legend(title="lambda", fontsize=7)
     finish(fig, None, "norm_trajectories.png")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.plot(lambdas, [e["penalty_share"] for e in entries], marker="o", label="l2_penalty / (data_loss + l2_penalty)")
     ax.set_ylabel("share of the training objective")
     ax.set_ylim(0, 1)
-    ax.set_title("The penalty's share of the loss (last epoch)")
+    ax.set_title("How much of the final objective is the penalty\n(high at small lambda once the data is fitted;"
+                 " falls as lambda keeps the fit coarse)", fontsize=9)
+    if len(entries) > 2:  # the two ends, with the numbers that explain them
+        peak, last = max(entries[1:], key=lambda e: e["penalty_share"]), entries[-1]
+        for entry, offset, why in ((peak, (-20, -110), "data nearly fitted"), (last, (-150, -90), "fit held back")):
+            ax.annotate(f"lambda {entry['l2']:g}: {why}\ntrain data loss {entry['data_loss']:.3g}, penalty "
+                        f"{entry['penalty_share']:.0%}", (entry["l2"], entry["penalty_share"]),
+                        textcoords="offset points", xytext=offset, fontsize=8,
+                        arrowprops={"arrowstyle": "->", "color": "gray"})
     finish(fig, ax, "penalty_share.png")
     return paths
+
+
+def as_json(result: dict) -> dict:
+    """The sweep's result for scripts (`keras-l2 sweep --json`): plain JSON types, no per-epoch histories."""
+    return {
+        "parent_run_id": result["parent_run_id"],
+        "best_lambda": result["best"]["l2"], "best_val_data_loss": result["best"]["val_data_loss"],
+        "verdict": result["verdict"], "notes": result["notes"],
+        "by_lambda": [dict(entry) for entry in result["by_lambda"].values()],
+        "plots": [str(path) for path in result["plots"]],
+    }

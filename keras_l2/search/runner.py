@@ -30,23 +30,20 @@ Example (a one-epoch sweep of the user's own model on tiny data):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from keras_l2.search.config import SweepConfig, check_config
-from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, digits, load_npz
+from keras_l2.search.config import RESULTS_DIR, SweepConfig, check_config
+from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, digits, load_npz
 from keras_l2.search.models import check_model, load_model_spec, mlp_function
-from keras_l2.search.report import draw_plots, summarize
+from keras_l2.search.report import best_lines, draw_plots, summarize, training_notes
 from keras_l2.search.training import RunPlan, train_one
 from keras_l2.tracking.outbox import Outbox
-from keras_l2.tracking.store import TrackingStore, open_store, resolve_store
+from keras_l2.tracking.store import TrackingStore, open_store, resolve_store, short_requests, ui_hint
 
-LOG = logging.getLogger("keras_l2")
 PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer before the sweep is refused
 PARENT_TIMEOUT = 60.0  # seconds to wait for the parent run's id (a busy SQLite store is slow, not down)
 
@@ -119,21 +116,33 @@ class PreparedSweep:
         try:
             results = _run_jobs(plan, jobs, started)
             summary = summarize(config, results)
-            plots = draw_plots(config, results, summary, Path(config.results_dir))
+            plots = draw_plots(config, results, summary, results_dir(config, parent_id))
             outbox.log(parent, metrics={"best_lambda": summary["best"]["l2"],
                                         "best_val_data_loss": summary["best"]["val_data_loss"]})
             status = "FINISHED"
         finally:
             _end_parent(outbox, parent, plots, status, config.max_delay)
+        steps = config.epochs * data.steps_per_epoch(config.batch_size)
+        summary["notes"] = training_notes(config, summary, data.classes, data.n, steps)
+        summary["report"] = _report_text(summary, config, plots, parent_id, store, time.perf_counter() - started)
         if config.verbose:
-            _print_summary(summary, plots, parent_id, store.tracking_uri, started)
+            print(summary["report"])
         return {"parent_run_id": parent_id, "results": results, "plots": plots, **summary}
+
+
+def results_dir(config: SweepConfig, parent_id: str) -> Path:
+    """Where the plots go: `config.results_dir`, else `mlruns/plots/<parent run id>` (never tracked files)."""
+    return Path(config.results_dir) if config.results_dir else Path(RESULTS_DIR) / parent_id
 
 
 def _resolve_data(config: SweepConfig, data) -> SweepData | DatasetData:
     if data is not None:
-        return as_sweep_data(data)
-    return load_npz(config.data) if config.data else digits(config.train_size)
+        data = as_sweep_data(data)
+    else:
+        data = load_npz(config.data) if config.data else digits(config.train_size)
+    if isinstance(data, SweepData):  # a tf.data dataset is not read twice to check it
+        check_classes(data, config.allow_unseen_classes)
+    return data
 
 
 def _resolve_model(config: SweepConfig, model, data) -> Callable:
@@ -153,6 +162,9 @@ def _parent_params(config: SweepConfig, data, model) -> dict:
               "sweep.optimizer": config.optimizer, "sweep.learning_rate": config.learning_rate,
               "sweep.epochs": config.epochs, "sweep.seeds": config.seeds, "sweep.layers": config.layers or "all",
               "sweep.data": data.name}
+    if getattr(data, "class_names", None):  # string labels: which class id is which label
+        mapping = ",".join(f"{i}={name}" for i, name in enumerate(data.class_names))
+        params["sweep.classes"] = mapping if len(mapping) <= 500 else mapping[:497] + "..."
     if model is None and not config.model:
         params["sweep.hidden"] = ",".join(map(str, config.hidden))
     else:
@@ -160,28 +172,12 @@ def _parent_params(config: SweepConfig, data, model) -> dict:
     return params
 
 
-@contextlib.contextmanager
-def _one_short_request(timeout: float):
-    """MLflow client calls inside make one try with a `timeout`: its default retries wait minutes on a dead server."""
-    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": f"{max(1.0, timeout):g}"}
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _check_reachable(store) -> None:
     """Opens the store (a new SQLite store is created once, before any worker opens it); a server must answer."""
     if not store.tracking_uri.startswith(("http://", "https://")):
         open_store(store)
         return
-    with _one_short_request(PROBE_TIMEOUT):
+    with short_requests(PROBE_TIMEOUT):
         try:
             open_store(store).search_experiments(max_results=1)
         except Exception as error:  # noqa: BLE001 - any failure to answer means the same to the user
@@ -191,37 +187,25 @@ def _check_reachable(store) -> None:
 
 
 def _end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> None:
-    """Ends the parent run through the outbox: at most `max_delay` s of waiting, then the rest is spooled."""
-    delivered = outbox.flush(max_delay)
-    if delivered and plots:
-        # TODO(tracking): log_artifact through the outbox once it has one; until then the plots go
-        # through a client, only while the store answers, and a failure leaves them on disk only.
-        import mlflow
+    """Attaches the plots and ends the parent run through the outbox: at most `max_delay` s of waiting.
 
-        client = mlflow.MlflowClient(outbox.store.tracking_uri)
-        try:
-            with _one_short_request(max_delay):
-                for path in plots:
-                    client.log_artifact(outbox.run_id(parent), str(path), artifact_path="plots")
-        except Exception as error:  # noqa: BLE001 - the sweep is done; its plots are in results_dir
-            LOG.warning("keras_l2: the sweep's plots were not attached to its parent run (%s); they are in %s.",
-                        str(error).splitlines()[0][:200] if str(error) else type(error).__name__,
-                        plots[0].parent)
+    What is not delivered by then is spooled, plots by their path in `results_dir`, and sent later.
+    """
+    for path in plots:
+        outbox.log_artifact(parent, path, artifact_path="plots")
     outbox.end_run(parent, status)
-    outbox.close(max_delay if delivered else 0.0)
+    outbox.close(max_delay)
 
 
-def _print_summary(summary: dict, plots: list, parent_id: str, store_uri: str, started: float) -> None:
-    print(summary["table"])
-    best = summary["best"]
-    zero = summary["by_lambda"].get(0.0)
-    versus = (f" ({best['val_data_loss']:.4f} against {zero['val_data_loss']:.4f} at lambda 0)"
-              if zero and best["l2"] != 0.0 else "")
-    print(f"Best lambda on validation data loss: {best['l2']:g}{versus}.")
-    print(f"Plots: {', '.join(str(p) for p in plots)}")
-    print(f"Runs: parent {parent_id} in {store_uri}. Open the MLflow UI: make ui "
-          f"(or: mlflow ui --backend-store-uri {store_uri})")
-    print(f"Took {time.perf_counter() - started:.0f} s.")
+def _report_text(summary: dict, config: SweepConfig, plots: list, parent_id: str, store, seconds: float) -> str:
+    """What the sweep prints at its end (`--quiet` prints it too): the table, the best lambda, where things are."""
+    lines = [summary["table"], *best_lines(summary, config.seeds), *summary["notes"]]
+    lines.append(f"Plots: {', '.join(str(p) for p in plots)}")
+    lines.append(f"Runs: parent {parent_id} in {store.tracking_uri}. {ui_hint(store, parent_id)}")
+    lines.append(f"In the UI: experiment {config.experiment!r} (the 'Model training' view), expand the parent run "
+                 "to list its child runs, select them and press Compare for their curves side by side.")
+    lines.append(f"Took {seconds:.0f} s.")
+    return "\n".join(lines)
 
 
 def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:
