@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from keras_l2 import LambdaScheduler, MlflowL2Logger, select_layers
-from tests.helpers import ROUTES, compile_route, data, mlp, reset_keras
+from tests.helpers import ROUTES, compile_route, data, mlp, reset_keras, sqlite_store
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="model.export writes a SavedModel through TensorFlow")
@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
         compile_route(model, route, keras.optimizers.Adam(0.05), 0.3, len(x), select_layers(model))
         # Everything keras_l2 can put on a training run, so that none of it leaks.
         callbacks = [LambdaScheduler([0.3, 0.1]),
-                     MlflowL2Logger(tracking_uri=f"sqlite:///{root / 'store.db'}", max_delay=60, verbose=0)]
+                     MlflowL2Logger(tracking_uri=sqlite_store(root), max_delay=60, verbose=0)]
         model.fit(x.astype("float32"), y.astype("float32"), batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
         path = root / route
         model.export(str(path), verbose=False)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from keras_l2 import MlflowL2Logger, select_layers
-from tests.helpers import ROUTES, compile_route, data, mlp, reset_keras, weights
+from tests.helpers import ROUTES, compile_route, data, mlp, reset_keras, sqlite_store, weights
 
 pytestmark = pytest.mark.deploy
 
@@ -89,7 +89,7 @@ def test_logger_under_mixed_precision(policy, route, tmp_path):
     """The logger reads the float32 kernels, and its run ends with the training."""
     import mlflow
 
-    store = f"sqlite:///{tmp_path / 'store.db'}"
+    store = sqlite_store(tmp_path)
     logger = MlflowL2Logger(tracking_uri=store, max_delay=60, verbose=0)  # wait: the store is checked next
     model = _train(route, "sgd", policy, callbacks=[logger])
     client = mlflow.MlflowClient(store)

@@ -12,7 +12,7 @@ import pytest
 
 from keras_l2 import LambdaScheduler, MlflowL2Logger, select_layers
 from keras_l2.tracking.names import sanitize, unique_keys
-from tests.helpers import ROUTES, compile_route, data, mlp, reported_rtol, weights
+from tests.helpers import ROUTES, compile_route, data, mlp, reported_rtol, sqlite_store, weights
 
 LAMBDA = 0.2
 
@@ -21,7 +21,7 @@ LAMBDA = 0.2
 def store_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(None)
-    yield f"sqlite:///{tmp_path / 'store.db'}"
+    yield sqlite_store(tmp_path)
     mlflow.set_tracking_uri(None)
 
 

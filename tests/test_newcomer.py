@@ -15,8 +15,8 @@ from keras_l2.cli import main
 from keras_l2.search import SweepConfig, check_config, run_sweep
 from keras_l2.search.report import TIE_TOLERANCE, judge_best, training_notes
 from keras_l2.tracking import records, spool
-from keras_l2.tracking.store import TrackingStore, open_store, resolve_store, ui_hint
-from tests.helpers import compile_route, data, mlp
+from keras_l2.tracking.store import TrackingStore, resolve_store, ui_hint
+from tests.helpers import compile_route, data, mlp, sqlite_store
 from tests.mlflow_server import free_port
 from tests.test_search import user_data
 
@@ -71,7 +71,7 @@ def test_each_optimizer_has_its_own_default_learning_rate_and_an_explicit_one_wi
 
 def test_sgd_at_its_default_learning_rate_trains_the_digits_and_one_that_does_not_is_warned_about(tmp_path):
     # Was: --optimizer sgd at 1e-3 reached val acc 0.375 after 60 epochs, and said nothing.
-    common = {"lambdas": (0.0,), "optimizer": "sgd", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    common = {"lambdas": (0.0,), "optimizer": "sgd", "tracking_uri": sqlite_store(tmp_path),
               "results_dir": str(tmp_path / "plots"), "verbose": 0}
     trained = run_sweep(SweepConfig(**common))
     assert trained["by_lambda"][0.0]["val_accuracy"] > 0.8, trained["by_lambda"][0.0]
@@ -202,7 +202,7 @@ def test_experiments_keras_l2_creates_open_in_mlflows_model_training_view(tmp_pa
     # Was: MLflow 3.17's UI opened them in its GenAI view, where a sweep's children are hard to find.
     model = mlp()
     compile_route(model, "regularizer", "sgd", 0.1, 24, select_layers(model))
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path)
     logger = MlflowL2Logger(tracking_uri=store, experiment_name="fresh", verbose=0, spool_dir=tmp_path)
     model.fit(*data(24), epochs=1, verbose=0, callbacks=[logger])
     client = mlflow.MlflowClient(store)
@@ -218,7 +218,7 @@ def test_a_resumed_fit_logs_its_starting_norms_at_initial_epoch(tmp_path):
     # Was: after fit(initial_epoch=2), weight_norm/<layer> at steps [0, 3, 4].
     model = mlp()
     compile_route(model, "regularizer", "sgd", 0.1, 24, select_layers(model))
-    logger = MlflowL2Logger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0, spool_dir=tmp_path)
+    logger = MlflowL2Logger(tracking_uri=sqlite_store(tmp_path), verbose=0, spool_dir=tmp_path)
     model.fit(*data(24), initial_epoch=2, epochs=4, verbose=0, callbacks=[logger])
     client = mlflow.MlflowClient(logger.store.tracking_uri)
     keys = [k for k in client.get_run(logger.run_id).data.metrics if k.startswith("weight_norm/")]
@@ -231,8 +231,7 @@ def test_send_pending_sends_every_stores_records_and_says_per_store_what_is_left
     # Was: "0 record(s) still pending" without --tracking-uri while the spool held another store's records,
     # and "Training goes on..." with it.
     folder = tmp_path / "spool"
-    local, dead = f"sqlite:///{tmp_path / 'mlflow.db'}", f"http://127.0.0.1:{free_port()}"
-    open_store(TrackingStore(local))  # MLflow's schema made beforehand: a new store takes seconds
+    local, dead = sqlite_store(tmp_path), f"http://127.0.0.1:{free_port()}"
     for uri in (local, dead):
         run = records.new_run("pending", "left behind", None, None)
         spool.write(folder / f"{abs(hash(uri))}{spool.SUFFIX}", spool.header(uri, None, {}),

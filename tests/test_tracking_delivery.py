@@ -22,7 +22,7 @@ from keras_l2 import MlflowL2Logger, select_layers
 from keras_l2.tracking.outbox import Outbox
 from keras_l2.tracking.records import Log, coalesce
 from keras_l2.tracking.store import TrackingStore
-from tests.helpers import compile_route, data, mlp
+from tests.helpers import compile_route, data, mlp, sqlite_store
 from tests.mlflow_server import MlflowServer, free_port
 
 # The target is 5,000 points/s; MLflow's own client, 1000-metric `log_batch` calls back to back,
@@ -39,7 +39,7 @@ def server(tmp_path_factory):
 
 
 def _store(kind, server, tmp_path) -> TrackingStore:
-    return TrackingStore(server.uri if kind == "server" else f"sqlite:///{tmp_path / 'store.db'}")
+    return TrackingStore(server.uri if kind == "server" else sqlite_store(tmp_path))
 
 
 def _mlflow_rate(uri: str, steps: int, keys: list) -> float:
@@ -126,7 +126,7 @@ def test_train_end_with_a_dead_server_waits_max_delay_once(tmp_path, capsys):
 
 
 def test_a_killed_delivery_process_loses_no_record(tmp_path):
-    outbox = Outbox(TrackingStore(f"sqlite:///{tmp_path / 'store.db'}"), spool_dir=tmp_path / "spool")
+    outbox = Outbox(TrackingStore(sqlite_store(tmp_path)), spool_dir=tmp_path / "spool")
     run = outbox.create_run("crash")
     outbox.log(run, metrics={"loss": 1.0}, step=1)
     assert outbox.flush(60)
@@ -144,7 +144,7 @@ def test_records_that_trickle_in_during_training_share_jobs_and_flush_does_not_w
     # Was: one job (one MLflow request, ~12 ms of the delivery process's CPU) per record as it came.
     from keras_l2.tracking import outbox as outbox_module
 
-    outbox = Outbox(TrackingStore(f"sqlite:///{tmp_path / 'store.db'}"), spool_dir=tmp_path / "spool")
+    outbox = Outbox(TrackingStore(sqlite_store(tmp_path)), spool_dir=tmp_path / "spool")
     run = outbox.create_run("pacing")
     assert outbox.flush(60)  # the delivery process is up and the run exists
     jobs, deliver = [], outbox._courier.deliver
@@ -201,7 +201,7 @@ def test_a_process_that_dies_while_rewriting_the_spool_leaves_no_temporary(tmp_p
 
 
 def test_a_refused_param_does_not_take_metrics_down(tmp_path, caplog):
-    outbox = Outbox(TrackingStore(f"sqlite:///{tmp_path / 'store.db'}"), spool_dir=tmp_path / "spool")
+    outbox = Outbox(TrackingStore(sqlite_store(tmp_path)), spool_dir=tmp_path / "spool")
     run = outbox.create_run("params")
     outbox.log(run, params={"a": 1}, step=0)
     assert outbox.flush(60)
@@ -214,7 +214,7 @@ def test_a_refused_param_does_not_take_metrics_down(tmp_path, caplog):
 
 def test_artifacts_go_through_the_queue_and_the_spool_keeps_their_path(tmp_path):
     (tmp_path / "notes.txt").write_text("lambda 0.1")
-    outbox = Outbox(TrackingStore(f"sqlite:///{tmp_path / 'store.db'}"), spool_dir=tmp_path / "spool")
+    outbox = Outbox(TrackingStore(sqlite_store(tmp_path)), spool_dir=tmp_path / "spool")
     run = outbox.create_run("artifacts")
     outbox.log_artifact(run, tmp_path / "notes.txt", artifact_path="docs")
     assert outbox.flush(60)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_l2 import MlflowL2Logger, select_layers
-from tests.helpers import ROUTES, compile_route, data, mlp, weights
+from tests.helpers import ROUTES, compile_route, data, mlp, sqlite_store, weights
 
 pytestmark = pytest.mark.deploy
 
@@ -54,7 +54,7 @@ def test_xla_control_a_wrong_penalty_is_seen(float64):
 def test_logger_under_xla(float64, tmp_path, route):
     import mlflow
 
-    store = f"sqlite:///{tmp_path / 'store.db'}"
+    store = sqlite_store(tmp_path)
     logger = MlflowL2Logger(tracking_uri=store, log_every_n_steps=2, max_delay=60, verbose=0)
     model, history = _train(route, "adam", jit=True, callbacks=[logger])
     client = mlflow.MlflowClient(store)
