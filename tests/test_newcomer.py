@@ -253,6 +253,9 @@ def test_send_pending_sends_every_stores_records_and_says_per_store_what_is_left
 def test_the_ui_hint_fits_the_store_and_the_working_directory(tmp_path, monkeypatch):
     # Was: `make ui` outside the repository, and `mlflow ui --backend-store-uri http://...` for a server.
     assert ui_hint(TrackingStore("http://10.0.0.5:5000/"), "abc") == "Open http://10.0.0.5:5000/#/runs/abc"
+    # A sweep links its experiment's runs in the model-training view (tests/test_ui.py opens it in Chromium).
+    assert ui_hint(TrackingStore("http://10.0.0.5:5000"), "abc", "7") == \
+        "Open http://10.0.0.5:5000/#/experiments/7/runs?workflowType=machine_learning"
     monkeypatch.chdir(tmp_path)
     embedded = resolve_store(root=tmp_path, honour_user_uri=False)
     hint = ui_hint(embedded, "abc")

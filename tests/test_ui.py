@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from keras_l2 import search as sweep
+from keras_l2.tracking.store import ui_page
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.ui
@@ -53,6 +54,12 @@ def test_child_runs_and_their_lambdas_are_on_the_page(tmp_path):
         # The parameters table: the l2.lambda row holds every child's value, in column order.
         row = text[text.rindex("|l2.lambda|") + len("|l2.lambda|"):].split("|l2.layers|")[0]
         assert row.split("|")[: len(children)] == [c.data.params["l2.lambda"] for c in children]
+        # The page the sweep's last lines link: the experiment's runs in the model-training view (MLflow 3 opens
+        # in its GenAI view, which lists traces, not runs), with the parent run in the list.
+        page = _browse(server.uri + ui_page(experiment_id=parent.info.experiment_id), "--dump-dom")
+        assert page.returncode == 0, page.stderr[-2000:]
+        text = re.sub(r"\|+", "|", re.sub(r"<[^>]+>", "|", page.stdout))
+        assert parent.info.run_name in text and "|Runs|" in text, text[:3000]
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shot = _browse(url, f"--screenshot={SCREENSHOT}")
         assert shot.returncode == 0, shot.stderr[-2000:]

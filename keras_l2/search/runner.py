@@ -112,7 +112,7 @@ class PreparedSweep:
                   f"{data.name}, route {config.route}, {config.workers} worker(s); MLflow {store.tracking_uri}, "
                   f"parent run {parent_id}", flush=True)
         started = time.perf_counter()
-        status, plots = "FAILED", []
+        status, plots, delivered = "FAILED", [], False
         try:
             results = _run_jobs(plan, jobs, started)
             summary = summarize(config, results)
@@ -121,10 +121,12 @@ class PreparedSweep:
                                         "best_val_data_loss": summary["best"]["val_data_loss"]})
             status = "FINISHED"
         finally:
-            _end_parent(outbox, parent, plots, status, config.max_delay)
+            delivered = _end_parent(outbox, parent, plots, status, config.max_delay)
         steps = config.epochs * data.steps_per_epoch(config.batch_size)
         summary["notes"] = training_notes(config, summary, data.classes, data.n, steps)
-        summary["report"] = _report_text(summary, config, plots, parent_id, store, time.perf_counter() - started)
+        experiment = _experiment_of(store, parent_id) if delivered else None  # a store that answered just now
+        summary["report"] = _report_text(summary, config, plots, parent_id, store, experiment,
+                                         time.perf_counter() - started)
         if config.verbose:
             print(summary["report"])
         return {"parent_run_id": parent_id, "results": results, "plots": plots, **summary}
@@ -186,26 +188,37 @@ def _check_reachable(store) -> None:
                              "start it, or pass another tracking URI. No run was created.") from None
 
 
-def _end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> None:
+def _end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> bool:
     """Attaches the plots and ends the parent run through the outbox: at most `max_delay` s of waiting.
 
-    What is not delivered by then is spooled, plots by their path in `results_dir`, and sent later.
+    Returns whether all was delivered; what was not is spooled, plots by their path in `results_dir`, and sent
+    later.
     """
     for path in plots:
         outbox.log_artifact(parent, path, artifact_path="plots")
     outbox.end_run(parent, status)
-    outbox.close(max_delay)
+    return outbox.close(max_delay)
 
 
-def _report_text(summary: dict, config: SweepConfig, plots: list, parent_id: str, store, seconds: float) -> str:
+def _report_text(summary: dict, config: SweepConfig, plots: list, parent_id: str, store, experiment: str | None,
+                 seconds: float) -> str:
     """What the sweep prints at its end (`--quiet` prints it too): the table, the best lambda, where things are."""
     lines = [summary["table"], *best_lines(summary, config.seeds), *summary["notes"]]
     lines.append(f"Plots: {', '.join(str(p) for p in plots)}")
-    lines.append(f"Runs: parent {parent_id} in {store.tracking_uri}. {ui_hint(store, parent_id)}")
-    lines.append(f"In the UI: experiment {config.experiment!r} (the 'Model training' view), expand the parent run "
-                 "to list its child runs, select them and press Compare for their curves side by side.")
+    lines.append(f"Runs: parent {parent_id} in {store.tracking_uri}. {ui_hint(store, parent_id, experiment)}")
+    lines.append(f"There, in experiment {config.experiment!r}, the parent run's + lists its child runs: select them "
+                 "and press Compare for their curves side by side.")
     lines.append(f"Took {seconds:.0f} s.")
     return "\n".join(lines)
+
+
+def _experiment_of(store, run_id: str) -> str | None:
+    """The experiment of run `run_id`, for the UI's link; None if the store does not answer at once."""
+    try:
+        with short_requests(PROBE_TIMEOUT):
+            return open_store(store).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - only a link is lost; the sweep's results are printed anyway
+        return None
 
 
 def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:

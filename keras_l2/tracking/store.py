@@ -153,22 +153,35 @@ def resolve_store(tracking_uri: str | None = None, root: str | os.PathLike = "."
     )
 
 
-def ui_hint(store: TrackingStore, run_id: str | None) -> str:
-    """How to look at run `run_id` from where the user is: the run's URL on a server, else the command to run.
+def ui_page(run_id: str | None = None, experiment_id: str | None = None) -> str:
+    """The MLflow UI's page (after the host) of an experiment's runs, else of one run.
 
-    `make ui` only where it works: the working directory holds this
+    MLflow 3's UI opens in its GenAI view; `workflowType=machine_learning` opens
+    the model-training one, where a parent run's + lists its child runs.
+    """
+    if experiment_id is not None:
+        return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"/#/runs/{run_id}" if run_id else "/"
+
+
+def ui_hint(store: TrackingStore, run_id: str | None, experiment_id: str | None = None) -> str:
+    """How to look at run `run_id` (or at experiment `experiment_id`'s runs) from where the user is.
+
+    On a server, the page's URL; else the command that serves the store, then
+    the page. `make ui` only where it works: the working directory holds this
     repository's Makefile and the store is its embedded one.
     """
+    page = ui_page(run_id, experiment_id)
     if store.tracking_uri.startswith(("http://", "https://")):
-        return f"Open {store.tracking_uri.rstrip('/')}/#/runs/{run_id}" if run_id else f"Open {store.tracking_uri}"
+        return f"Open {store.tracking_uri.rstrip('/')}{page}"
     if not store.tracking_uri.startswith("sqlite:///"):
         return f"Open the MLflow UI of {store.tracking_uri}."
-    page = f", then http://127.0.0.1:5000/#/runs/{run_id}" if run_id else ", then http://127.0.0.1:5000"
+    then = f", then http://127.0.0.1:5000{page}"
     makefile = Path("Makefile")
     if store.embedded and Path(store.tracking_uri[len("sqlite:///"):]) == (Path.cwd() / DEFAULT_DIR / DATABASE) \
             and makefile.is_file() and "\nui:" in makefile.read_text(errors="replace"):
-        return f"Open the MLflow UI: make ui{page}"
-    return f"Open the MLflow UI: mlflow ui --backend-store-uri {store.tracking_uri}{page}"
+        return f"Open the MLflow UI: make ui{then}"
+    return f"Open the MLflow UI: mlflow ui --backend-store-uri {store.tracking_uri}{then}"
 
 
 def open_store(store: TrackingStore):
