@@ -10,6 +10,10 @@ import math
 import numbers
 
 MODES = ("coupled", "decoupled")
+# The names the command line and `keras_l2.routes.apply_route` / `make_optimizer` accept. Kept here, free
+# of Keras, so that `keras-l2 --help` and its argument errors need no Keras (whose import takes seconds).
+ROUTES = ("regularizer", "loss", "coupled", "decoupled")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
 
 
 def check_l2(l2: object) -> float:

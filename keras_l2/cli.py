@@ -2,6 +2,16 @@
 
     keras-l2 sweep [--lambdas 0,1e-3,1e-2] [--route regularizer] [--model module:function] ...   a lambda sweep
     keras-l2 send-pending [--tracking-uri URI]                          deliver records an outage left behind
+
+This module imports no Keras: `check` parses and checks the command line
+before `keras_l2_cli` (the installed `keras-l2`) imports the library, so
+`--help` and bad options answer at once (Keras imports TensorFlow: seconds).
+
+Example:
+
+>>> from keras_l2.cli import check
+>>> check(["sweep", "--lambdas", "0,0.1", "--optimizer", "sgd"]).lambdas
+'0,0.1'
 """
 
 from __future__ import annotations
@@ -10,12 +20,13 @@ import argparse
 import os
 import sys
 
+from keras_l2.search import command
 
-def main(argv=None) -> int:
-    from keras_l2.search import command
 
-    parser = argparse.ArgumentParser(prog="keras-l2", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line's parser, and its `sweep` subcommand's."""
+    p = argparse.ArgumentParser(prog="keras-l2", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
     sweep = sub.add_parser("sweep", help="train one model per lambda and compare them in MLflow",
                            description=command.DESCRIPTION)
     command.add_arguments(sweep)
@@ -24,8 +35,22 @@ def main(argv=None) -> int:
                          help="send the records of this store only (default: of every store with records pending)")
     pending.add_argument("--spool-dir", default=None, help="where they were saved (default: mlruns/keras_l2_pending)")
     pending.add_argument("--timeout", type=float, default=30.0, help="seconds per store (default: %(default)s)")
-    args = parser.parse_args(argv)
+    return p, sweep
+
+
+def check(argv) -> argparse.Namespace:
+    """Parses `argv` and checks the sweep's options; `--help` and bad input exit (status 0 and 2)."""
+    p, sweep = parser()
+    args = p.parse_args(argv)
+    if args.command == "sweep":
+        command.checked_config(args, sweep)
+    return args
+
+
+def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    p, sweep = parser()
+    args = p.parse_args(argv)
     if args.command == "send-pending":
         from keras_l2.tracking.resend import pending_stores, send_pending
 

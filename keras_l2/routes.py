@@ -29,14 +29,13 @@ from __future__ import annotations
 import keras
 
 from keras_l2 import backend, steps
-from keras_l2._checks import check_l2
+from keras_l2._checks import OPTIMIZERS, ROUTES, check_l2
 from keras_l2.inventory import l2_routes
 from keras_l2.loss import L2CategoricalCrossentropy
 from keras_l2.optimizer import L2DecayOptimizer
 from keras_l2.regularizer import L2Regularizer, regularize
 
-ROUTES = ("regularizer", "loss", "coupled", "decoupled")
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
+__all__ = ["OPTIMIZERS", "ROUTES", "apply_route", "make_optimizer", "set_l2"]
 
 
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

@@ -11,7 +11,9 @@ Without `model` it trains the built-in MLP, without `data` the digits (or
 Modules: `config` (`SweepConfig` and its checks), `data` (the digits, .npz,
 arrays, `tf.data`, and n), `models` (the built-in MLP, model functions and
 their checks), `training` (one run), `runner` (the sweep and its parent run),
-`report` (the table and plots), `command` (the command line).
+`report` (the table and plots), `command` (the command line). Names are
+imported on first use (PEP 562): the command line parses its options with
+`config` and `command` only, which import no Keras.
 
 Example: see `keras_l2.search.runner`; in short,
 
@@ -20,32 +22,42 @@ Example: see `keras_l2.search.runner`; in short,
 ('regularizer', 'hidden_.*')
 """
 
-from keras_l2.search.command import main
-from keras_l2.search.config import DEFAULT_LAMBDAS, SweepConfig, check_config, choose_layers, parse_lambdas
-from keras_l2.search.data import DatasetData, SweepData, all_digits, as_sweep_data, digits, load_npz
-from keras_l2.search.models import build_model, check_model, load_model_spec
-from keras_l2.search.report import draw_plots, summarize
-from keras_l2.search.runner import PreparedSweep, prepare_sweep, run_sweep
+import importlib
 
-__all__ = [
-    "DEFAULT_LAMBDAS",
-    "DatasetData",
-    "PreparedSweep",
-    "SweepConfig",
-    "SweepData",
-    "all_digits",
-    "as_sweep_data",
-    "build_model",
-    "check_config",
-    "check_model",
-    "choose_layers",
-    "digits",
-    "draw_plots",
-    "load_model_spec",
-    "load_npz",
-    "main",
-    "parse_lambdas",
-    "prepare_sweep",
-    "run_sweep",
-    "summarize",
-]
+_EXPORTS = {
+    "main": "keras_l2.search.command",
+    "DEFAULT_LAMBDAS": "keras_l2.search.config",
+    "SweepConfig": "keras_l2.search.config",
+    "check_config": "keras_l2.search.config",
+    "parse_lambdas": "keras_l2.search.config",
+    "DatasetData": "keras_l2.search.data",
+    "SweepData": "keras_l2.search.data",
+    "all_digits": "keras_l2.search.data",
+    "as_sweep_data": "keras_l2.search.data",
+    "digits": "keras_l2.search.data",
+    "load_npz": "keras_l2.search.data",
+    "build_model": "keras_l2.search.models",
+    "check_model": "keras_l2.search.models",
+    "choose_layers": "keras_l2.search.models",
+    "load_model_spec": "keras_l2.search.models",
+    "draw_plots": "keras_l2.search.report",
+    "summarize": "keras_l2.search.report",
+    "PreparedSweep": "keras_l2.search.runner",
+    "prepare_sweep": "keras_l2.search.runner",
+    "run_sweep": "keras_l2.search.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_l2.search' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -15,9 +15,8 @@ import argparse
 import json
 import os
 
-from keras_l2.routes import OPTIMIZERS, ROUTES
-from keras_l2.search.config import DEFAULT_LEARNING_RATES, RESULTS_DIR, SweepConfig, parse_lambdas
-from keras_l2.search.report import as_json
+from keras_l2._checks import OPTIMIZERS, ROUTES
+from keras_l2.search.config import DEFAULT_LEARNING_RATES, RESULTS_DIR, SweepConfig, check_config, parse_lambdas
 
 DESCRIPTION = ("Trains the same network once per lambda (and seed), every run from the same initial weights and "
                "data order, under one MLflow parent run with a child run per lambda; prints a table and the best "
@@ -85,13 +84,23 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     )
 
 
+def checked_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> SweepConfig:
+    """The options as a checked `SweepConfig`; a bad one exits with status 2 and one line. Needs no Keras."""
+    try:
+        return check_config(config_from_args(args))
+    except ValueError as error:
+        p.exit(2, f"{p.prog}: error: {error}\n")
+
+
 def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Checks everything (bad input exits with status 2 and one line, before any run), then sweeps."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    config = checked_config(args, p)
+    from keras_l2.search.report import as_json
     from keras_l2.search.runner import prepare_sweep
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        prepared = prepare_sweep(config_from_args(args))
+        prepared = prepare_sweep(config)
     except ValueError as error:
         p.exit(2, f"{p.prog}: error: {error}\n")
     result = prepared.run()

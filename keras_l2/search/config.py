@@ -1,4 +1,5 @@
-"""What a sweep runs: `SweepConfig`, and the checks of its values.
+"""What a sweep runs: `SweepConfig`, and the checks of its values (free of Keras: the command line parses
+and checks its options before Keras is imported).
 
 Example:
 
@@ -11,11 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
-from keras_l2._checks import check_l2
-from keras_l2.routes import OPTIMIZERS, ROUTES
-from keras_l2.selection import select_layers
+from keras_l2._checks import OPTIMIZERS, ROUTES, check_l2
 
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # Each optimizer's default step size: plain SGD at Adam's 1e-3 barely trains the digits MLP in 60 epochs
@@ -99,22 +97,3 @@ def check_config(config: SweepConfig) -> SweepConfig:
         raise ValueError(f"max_delay: must be a finite number of seconds >= 0. Received: {config.max_delay!r}")
     config.lambdas = tuple(sorted(check_l2(v) for v in config.lambdas))
     return config
-
-
-def choose_layers(model, spec: str | None) -> list:
-    """The Dense layers named in `spec` (comma-separated names, or a regex); all by default."""
-    dense = [layer.name for layer in select_layers(model)]
-    if spec is None or spec.strip() == "":
-        return select_layers(model)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if all(name in dense for name in names):
-        return select_layers(model, names=names)
-    try:
-        pattern = re.compile(spec)
-    except re.error as error:
-        raise ValueError(f"--layers: {spec!r} is neither Dense layer names ({dense}) nor a valid regex "
-                         f"({error})") from None
-    chosen = [name for name in dense if pattern.fullmatch(name)]
-    if not chosen:
-        raise ValueError(f"--layers: {spec!r} matches none of the Dense layers {dense}")
-    return select_layers(model, names=chosen)

@@ -33,7 +33,7 @@ import sys
 
 import keras
 
-from keras_l2.search.config import choose_layers
+from keras_l2.selection import select_layers
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -111,3 +111,22 @@ def check_model(function, features: int, classes: int, layers: str | None) -> li
         raise ValueError(f"model: {model.name!r} outputs shape {tuple(outputs[0].shape[1:])}, but the data has "
                          f"{classes} classes (allowed: a softmax output of {classes} units)")
     return choose_layers(model, layers)
+
+
+def choose_layers(model, spec: str | None) -> list:
+    """The Dense layers named in `spec` (comma-separated names, or a regex); all by default."""
+    dense = [layer.name for layer in select_layers(model)]
+    if spec is None or spec.strip() == "":
+        return select_layers(model)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if all(name in dense for name in names):
+        return select_layers(model, names=names)
+    try:
+        pattern = re.compile(spec)
+    except re.error as error:
+        raise ValueError(f"--layers: {spec!r} is neither Dense layer names ({dense}) nor a valid regex "
+                         f"({error})") from None
+    chosen = [name for name in dense if pattern.fullmatch(name)]
+    if not chosen:
+        raise ValueError(f"--layers: {spec!r} matches none of the Dense layers {dense}")
+    return select_layers(model, names=chosen)

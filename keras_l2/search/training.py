@@ -11,8 +11,9 @@ import numpy as np
 
 from keras_l2 import MlflowL2Logger
 from keras_l2.routes import apply_route, make_optimizer
-from keras_l2.search.config import SweepConfig, choose_layers
+from keras_l2.search.config import SweepConfig
 from keras_l2.search.data import DatasetData, SweepData
+from keras_l2.search.models import choose_layers
 
 
 @dataclasses.dataclass
