@@ -22,7 +22,7 @@ Example: see `keras_l2.search.runner`; in short,
 ('regularizer', 'hidden_.*')
 """
 
-import importlib
+from keras_l2 import _lazy
 
 _EXPORTS = {
     "main": "keras_l2.search.command",
@@ -48,16 +48,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_l2.search' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from keras_l2 import _lazy
 
 _EXPORTS = {
     "MlflowL2Logger": "keras_l2.tracking.callback",
@@ -29,16 +29,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_l2.tracking' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
