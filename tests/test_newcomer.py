@@ -62,6 +62,35 @@ def test_a_best_at_the_smallest_nonzero_lambda_suggests_smaller_ones():
     assert verdict["edge"] == "smallest" and verdict["suggest"] == pytest.approx([0.001, 0.01 / 3])
 
 
+def test_the_plots_say_what_their_error_bars_are_and_the_penalty_share_explains_itself(tmp_path, monkeypatch):
+    # Was: no word on error bars; penalty_share.png jumped to 0.95 at lambda 0.01 with nothing to say why.
+    from matplotlib.figure import Figure
+
+    from keras_l2.search import draw_plots, summarize
+
+    texts, save = {}, Figure.savefig
+
+    def recording(fig, path, *args, **kwargs):
+        texts[Path(path).name] = [t.get_text() for ax in fig.axes for t in (ax.title, *ax.texts)]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    results = [{"l2": l2, "seed": seed, "chosen": ["h"], "norms": {"h": 1.0, "out": 1.0},
+                "norm_history": {"h": [1.0, 1.0], "out": [1.0, 1.0]},
+                "history": {"data_loss": [train], "val_data_loss": [0.3], "val_accuracy": [0.9], "l2_penalty": [pen]}}
+               for seed in (0, 1) for l2, train, pen in ((0.0, 0.001, 0.0), (0.01, 0.002, 0.04), (3.0, 0.13, 0.32))]
+    config = SweepConfig(lambdas=(0.0, 0.01, 3.0), seeds=2)
+    draw_plots(config, results, summarize(config, results), tmp_path)
+    assert "error bars: std over 2 seeds" in texts["loss_vs_lambda.png"][0]
+    share = " ".join(texts["penalty_share.png"])
+    assert "high at small lambda once the data is fitted" in share
+    assert "lambda 0.01: data nearly fitted\ntrain data loss 0.002, penalty 95%" in share
+    assert "lambda 3: fit held back\ntrain data loss 0.13, penalty 71%" in share
+    config = SweepConfig(lambdas=(0.0, 0.01, 3.0))
+    draw_plots(config, results[:3], summarize(config, results[:3]), tmp_path)
+    assert "one seed: no error bars" in texts["loss_vs_lambda.png"][0]
+
+
 # ------------------------------------------------------------------ 8, 9. defaults that show lambda's effect
 def test_each_optimizer_has_its_own_default_learning_rate_and_an_explicit_one_wins():
     assert check_config(SweepConfig(optimizer="sgd")).learning_rate == 0.1
