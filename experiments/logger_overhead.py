@@ -18,6 +18,7 @@ is the measurement noise of the run.
 
     python experiments/logger_overhead.py            # digits MLP and 784-1024-1024-10
     python experiments/logger_overhead.py --quick    # fewer rounds
+    python experiments/logger_overhead.py --models 784-1024-1024-10 --metrics-only   # what the metrics alone cost
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MODELS = {
 }
 VARIANTS = {"no logger": None, "no logger (A/A)": None, "per epoch": 0, "every 10 steps": 10}
 EVERY_STEP = {"every step": 1}  # with --every-step
+METRICS_ONLY = {"metrics only": "metrics"}  # with --metrics-only: the logger's in-step metrics, no logger, no MLflow
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -95,10 +97,14 @@ def fit(model, x, y, batch, epochs, every, store_uri):
     clock = EpochClock()
     callbacks = []
     logger = None
-    if every is not None:
+    if every == "metrics":
+        keras_l2.attach_l2_metrics(model)
+    elif every is not None:
         logger = TimedLogger(tracking_uri=store_uri, log_every_n_steps=every or None, verbose=0)
         callbacks.append(logger)
     model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[*callbacks, clock])
+    if every == "metrics":
+        keras_l2.detach_l2_metrics(model)
     wall, cpu = np.median(np.diff(np.array(clock.ends), axis=0)[1:], axis=0)  # epochs 3..
     if logger is None:
         return wall, cpu, 0.0, 0.0, 0.0
@@ -138,8 +144,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="TensorFlow CPU threads (0: TensorFlow's default); see benchmark.py")
     parser.add_argument("--every-step", action="store_true", help="also time logging at every step")
+    parser.add_argument("--metrics-only", action="store_true",
+                        help="also time the logger's in-step metrics alone (attached, no logger, no MLflow)")
     args = parser.parse_args()
-    variants = {**VARIANTS, **(EVERY_STEP if args.every_step else {})}
+    variants = {**VARIANTS, **(EVERY_STEP if args.every_step else {}), **(METRICS_ONLY if args.metrics_only else {})}
     names = [m for m in args.models.split(",") if m]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
