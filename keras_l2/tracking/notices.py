@@ -25,10 +25,23 @@ LOG = logging.getLogger("keras_l2")
 class Notices:
     """The messages of one outbox, and what it last said.
 
+    `OUTAGE` and `SPOOLED` are the two messages whose wording depends on what
+    the outbox serves (training here; `ResendNotices` for `send_pending`),
+    formatted with `uri`, `error`, `retry`, `spool`, `count`, `timeout`,
+    `why` and `path`.
+
     Attributes:
         down: the error while the store is unreachable, else None.
         reported: how many undelivered records the user was last told about.
     """
+
+    OUTAGE = ("keras_l2: cannot reach the MLflow store %(uri)s (%(error)s). Training goes on; every record is kept "
+              "in memory and retried every %(retry).0f s, and saved under %(spool)s if it is still undelivered when "
+              "training ends.")
+    SPOOLED = ("keras_l2: %(count)d MLflow record(s) for %(uri)s could not be delivered within %(timeout).1f s "
+               "(%(why)s). They are saved in %(path)s and will be sent when the store is reachable again: by this "
+               "process while it runs, by the next MlflowL2Logger that uses this store, or by "
+               "`keras_l2.send_pending()`.")
 
     def __init__(self, tracking_uri: str, spool_dir, retry_interval: float):
         self.tracking_uri, self.spool_dir, self.retry_interval = tracking_uri, spool_dir, retry_interval
@@ -39,9 +52,8 @@ class Notices:
         """Notes a failed delivery; says so if an outage starts (returns whether it did)."""
         starts = self.down is None
         if starts:
-            LOG.warning("keras_l2: cannot reach the MLflow store %s (%s). Training goes on; every record is kept "
-                        "in memory and retried every %.0f s, and saved under %s if it is still undelivered when "
-                        "training ends.", self.tracking_uri, error, self.retry_interval, self.spool_dir)
+            LOG.warning(self.OUTAGE, {"uri": self.tracking_uri, "error": error, "retry": self.retry_interval,
+                                      "spool": self.spool_dir})
         self.down = error
         return starts
 
@@ -62,10 +74,8 @@ class Notices:
     def spooled(self, count: int, timeout: float, path) -> None:
         """Says that `count` records missed a `timeout` s flush and are saved in `path`."""
         self.reported = count
-        LOG.warning("keras_l2: %d MLflow record(s) for %s could not be delivered within %.1f s (%s). They are "
-                    "saved in %s and will be sent when the store is reachable again: by this process while it "
-                    "runs, by the next MlflowL2Logger that uses this store, or by `keras_l2.send_pending()`.",
-                    count, self.tracking_uri, timeout, self.down or "still sending", path)
+        LOG.warning(self.SPOOLED, {"count": count, "uri": self.tracking_uri, "timeout": timeout,
+                                   "why": self.down or "still sending", "path": path})
 
     def saved_at_exit(self, count: int, path) -> None:
         if count != self.reported:
@@ -76,15 +86,6 @@ class Notices:
 class ResendNotices(Notices):
     """The messages of `send_pending`: no training goes on there, and the records simply stay saved."""
 
-    def outage(self, error: str) -> bool:
-        starts = self.down is None
-        if starts:
-            LOG.warning("keras_l2: cannot reach the MLflow store %s (%s); its records stay saved in %s.",
-                        self.tracking_uri, error, self.spool_dir)
-        self.down = error
-        return starts
-
-    def spooled(self, count: int, timeout: float, path) -> None:
-        self.reported = count
-        LOG.warning("keras_l2: %d MLflow record(s) for %s still undelivered after %.1f s (%s); they stay saved "
-                    "in %s.", count, self.tracking_uri, timeout, self.down or "still sending", path)
+    OUTAGE = "keras_l2: cannot reach the MLflow store %(uri)s (%(error)s); its records stay saved in %(spool)s."
+    SPOOLED = ("keras_l2: %(count)d MLflow record(s) for %(uri)s still undelivered after %(timeout).1f s (%(why)s); "
+               "they stay saved in %(path)s.")
