@@ -52,14 +52,17 @@ def main(argv=None) -> int:
     p, sweep = parser()
     args = p.parse_args(argv)
     if args.command == "send-pending":
-        from keras_l2.tracking.resend import pending_stores, send_pending
+        from keras_l2.tracking.resend import send_pending
 
-        if args.tracking_uri is None and not pending_stores(args.spool_dir):
+        stores = []  # one line per store send_pending went through
+
+        def report(uri, sent, left):
+            stores.append(uri)
+            print(f"{uri}: {sent} record(s) sent, {left} still pending.")
+
+        left = send_pending(args.tracking_uri, spool_dir=args.spool_dir, timeout=args.timeout, report=report)
+        if not stores:
             print("No records are pending.")
-            return 0
-        left = send_pending(args.tracking_uri, spool_dir=args.spool_dir, timeout=args.timeout,
-                            report=lambda uri, sent, left: print(f"{uri}: {sent} record(s) sent, {left} still "
-                                                                 "pending."))
         return 0 if left == 0 else 1
     return command.run(args, sweep)
 

@@ -95,12 +95,13 @@ def waiting(folder: Path) -> dict:
     """How many records the spool files in `folder` hold, per tracking URI (stores in first-seen order)."""
     counts: dict[str, int] = {}
     for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
-        try:
-            head, records = read(path)
-        except (OSError, ValueError):  # claimed or rewritten meanwhile: its writer still has it
+        try:  # the header and a count of record lines: the records themselves are read when adopted
+            head, *lines = path.read_text().splitlines()
+            uri = json.loads(head).get("tracking_uri")
+        except (OSError, ValueError):  # claimed or rewritten meanwhile (its writer still has it), or empty
             continue
-        if head.get("tracking_uri"):
-            counts[head["tracking_uri"]] = counts.get(head["tracking_uri"], 0) + len(records)
+        if uri:
+            counts[uri] = counts.get(uri, 0) + sum(1 for line in lines if line.strip())
     return counts
 
 
