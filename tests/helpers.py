@@ -148,3 +148,11 @@ def sqlite_store(directory, name: str = "store.db") -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(_TEMPLATE_STORE[0], path)
     return f"sqlite:///{path}"
+
+
+def user_data(examples: int = 60, features: int = 8, classes: int = 3, seed: int = 0):
+    """Learnable tiny data: labels from a fixed linear map, class ids."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(examples + 30, features)).astype("float32")
+    y = (x @ rng.normal(size=(features, classes))).argmax(axis=1)
+    return x[:examples], y[:examples], x[examples:], y[examples:]

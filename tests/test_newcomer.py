@@ -17,9 +17,8 @@ from keras_l2.search import SweepConfig, check_config, run_sweep
 from keras_l2.search.report import TIE_TOLERANCE, judge_best, training_notes
 from keras_l2.tracking import records, spool
 from keras_l2.tracking.store import TrackingStore, resolve_store, ui_hint
-from tests.helpers import compile_route, data, mlp, sqlite_store
+from tests.helpers import compile_route, data, mlp, sqlite_store, user_data
 from tests.mlflow_server import free_port
-from tests.test_search import user_data
 
 ROOT = Path(__file__).resolve().parent.parent
 

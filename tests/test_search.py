@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -14,26 +13,17 @@ import pytest
 
 from keras_l2.cli import main
 from keras_l2.search import SweepConfig, prepare_sweep, run_sweep
-from keras_l2.tracking.store import TrackingStore, open_store
+from tests.helpers import sqlite_store, user_data
 from tests.mlflow_server import MlflowServer, free_port
 
 LAMBDAS = (0.0, 1.0)
 CHOSEN = ("wide", "narrow")
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """A SQLite store with MLflow's schema, made once: creating one takes seconds."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    open_store(TrackingStore(f"sqlite:///{path}"))
-    return path
-
-
 @pytest.fixture
-def store(tmp_path, empty_store) -> str:
-    """A fresh copy of the empty store in this test's directory (where `config` points)."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path) -> str:
+    """A new, empty store in this test's directory (where `config` points)."""
+    return sqlite_store(tmp_path, "mlflow.db")
 
 
 def user_model(inputs: int = 8, classes: int = 3):
@@ -43,14 +33,6 @@ def user_model(inputs: int = 8, classes: int = 3):
     h = keras.layers.Dropout(0.2)(h)
     h = keras.layers.Dense(16, activation="relu", name="narrow")(h)
     return keras.Model(x, keras.layers.Dense(classes, activation="softmax", name="head")(h), name="user_net")
-
-
-def user_data(examples: int = 60, features: int = 8, classes: int = 3, seed: int = 0):
-    """Learnable tiny data: labels from a fixed linear map, class ids."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(examples + 30, features)).astype("float32")
-    y = (x @ rng.normal(size=(features, classes))).argmax(axis=1)
-    return x[:examples], y[:examples], x[examples:], y[examples:]
 
 
 def config(tmp_path, **overrides) -> SweepConfig:
@@ -227,15 +209,14 @@ def test_a_server_killed_at_the_end_costs_at_most_max_delay_and_the_parent_is_sp
     assert [op["status"] for op in ops if op["op"] == "end"] == ["FINISHED"]
 
 
-def test_readme_user_model_example_runs(tmp_path, empty_store, monkeypatch):
+def test_readme_user_model_example_runs(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "run_sweep" in b]
     assert "epochs=30" in block
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(None)
-    (tmp_path / "mlruns").mkdir()
-    shutil.copy(empty_store, tmp_path / "mlruns" / "mlflow.db")  # the embedded store, schema made
+    sqlite_store(tmp_path / "mlruns", "mlflow.db")  # the embedded store, schema made
     namespace: dict = {}
     exec(compile(block.replace("epochs=30", "epochs=1"), "README.md", "exec"), namespace)  # as written, 1 epoch
     result = namespace["result"]
