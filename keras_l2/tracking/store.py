@@ -203,8 +203,9 @@ def open_store(store: TrackingStore):
     return mlflow.MlflowClient(tracking_uri=store.tracking_uri)
 
 
-# MLflow 3's UI opens an experiment in its GenAI view unless this tag says otherwise: created by keras_l2,
-# an experiment opens in the model-training view (runs, their metrics and charts). One that exists is left as is.
+# MLflow's mark of a model-training experiment, set on the experiments keras_l2 creates (one that exists is left
+# as is). MLflow 3.17's UI still opens in its GenAI view whatever the tag says (checked in Chromium): the link
+# `ui_page` builds, with `workflowType=machine_learning`, is what opens the runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
