@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from keras_l2 import MlflowL2Logger, l2_math, select_layers
+from keras_l2._checks import OPTIMIZERS
 from keras_l2.cli import main
 from keras_l2.search import SweepConfig, check_config, run_sweep
+from keras_l2.search.config import DEFAULT_LEARNING_RATES
 from keras_l2.search.report import TIE_TOLERANCE, judge_best, training_notes
 from keras_l2.tracking import records, spool
 from keras_l2.tracking.store import TrackingStore, resolve_store, ui_hint
@@ -96,6 +98,7 @@ def test_each_optimizer_has_its_own_default_learning_rate_and_an_explicit_one_wi
     assert check_config(SweepConfig(optimizer="adam")).learning_rate == 1e-3
     assert check_config(SweepConfig(optimizer="sgd", learning_rate=0.02)).learning_rate == 0.02
     assert check_config(SweepConfig(optimizer="sgd", learning_rate=1)).learning_rate == 1.0
+    assert set(DEFAULT_LEARNING_RATES) == set(OPTIMIZERS)  # a new optimizer needs its default step size
 
 
 def test_sgd_at_its_default_learning_rate_trains_the_digits_and_one_that_does_not_is_warned_about(tmp_path):
