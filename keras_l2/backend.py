@@ -108,15 +108,19 @@ class CompiledRead:
     """`fn(values) -> tensor` compiled once over `variables`; calling it returns a NumPy array.
 
     One compiled call and one device-to-host copy, instead of a dozen eager
-    ops per read. TensorFlow captures the live variables; JAX and torch are
-    handed their values: `read(values)` with explicit values (on JAX,
-    mid-epoch, those of the trainer's state: see `live_values`), or the
-    variables' own with `read()`.
+    ops per read. TensorFlow is handed the variables (it reads their live
+    values), through one `tf.function` per `fn`, traced once per variable
+    shapes: readers of one architecture (a sweep's runs, a stack's members)
+    share a trace, and TensorFlow's "frequent retracing" warning stays away.
+    JAX and torch are handed values: `read(values)` (on JAX, mid-epoch, the
+    trainer's state: see `live_values`), or the variables' own with `read()`.
 
     Attributes:
         compiled: the compiled function (a `tf.function` on TensorFlow, a
             `jax.jit` on JAX, `fn` itself on torch; None without variables).
     """
+
+    _tf_functions: dict = {}  # fn -> its tf.function, shared by every reader of fn
 
     def __init__(self, fn, variables):
         self.variables = list(variables)
@@ -126,7 +130,9 @@ class CompiledRead:
         elif self._captures:
             import tensorflow as tf
 
-            self.compiled = tf.function(lambda: fn(self.variables))
+            if fn not in self._tf_functions:
+                self._tf_functions[fn] = tf.function(fn)
+            self.compiled = self._tf_functions[fn]
         elif name() == "jax":
             import jax
 
@@ -138,7 +144,7 @@ class CompiledRead:
         if self.compiled is None:
             return np.zeros((0,))
         if self._captures:
-            return np.asarray(ops.convert_to_numpy(self.compiled()))
+            return np.asarray(ops.convert_to_numpy(self.compiled(self.variables)))
         values = values if values is not None else [v.value for v in self.variables]
         return np.asarray(ops.convert_to_numpy(self.compiled(list(values))))
 

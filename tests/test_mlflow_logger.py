@@ -316,11 +316,14 @@ def test_loggers_of_one_model_share_one_compiled_norm_reader(store_uri):
     model = mlp()
     compile_route(model, "coupled", keras.optimizers.SGD(0.1), LAMBDA, 12, select_layers(model))
     loggers = [MlflowL2Logger(tracking_uri=store_uri, max_delay=60, verbose=0) for _ in range(3)]
+    traces = []
     for logger in loggers:
         model.fit(x, y, epochs=1, verbose=0, callbacks=[logger])
+        if keras.backend.backend() == "tensorflow":
+            traces.append(logger._norms._fn.experimental_get_tracing_count())
     assert loggers[0]._norms is loggers[1]._norms is loggers[2]._norms
-    if keras.backend.backend() == "tensorflow":
-        assert loggers[0]._norms._fn.experimental_get_tracing_count() == 1
+    if keras.backend.backend() == "tensorflow":  # (the count includes other tests' shapes, in this process)
+        assert traces[0] == traces[1] == traces[2], traces
     other = mlp()
     compile_route(other, "coupled", keras.optimizers.SGD(0.1), LAMBDA, 12, select_layers(other))
     logger = MlflowL2Logger(tracking_uri=store_uri, max_delay=60, verbose=0)

@@ -3,8 +3,10 @@
 Dispatching a dozen eager ops per log would cost more than computing them, so
 the norms are computed in one compiled call (`keras_l2.backend.CompiledRead`)
 and copied to the host once. A reader is kept per model and shared by the
-loggers of its fits: a logger per fit (a sweep, or `fit` in a loop) would
-otherwise trace anew each time, and TensorFlow warns about that after five.
+loggers of its fits, and every reader computes with one function, which
+TensorFlow traces once per kernel shapes: a logger per fit (a sweep, or `fit`
+in a loop) or per member of a stack would otherwise trace anew each time,
+and TensorFlow warns about that after five.
 
 Example:
 
@@ -31,11 +33,16 @@ class NormReader:
 
     def __init__(self, kernels):
         self.kernels = list(kernels)
-        self._read = backend.CompiledRead(lambda values: ops.stack(l2_math.kernel_norms(values)), self.kernels)
+        self._read = backend.CompiledRead(_norms, self.kernels)
         self._fn = self._read.compiled  # the compiled function (TensorFlow: its tracing count shows retraces)
 
     def __call__(self, values=None) -> np.ndarray:
         return self._read(values)
+
+
+def _norms(values):
+    # One function for every reader: TensorFlow then traces it once per kernel shapes, not once per model.
+    return ops.stack(l2_math.kernel_norms(values))
 
 
 # The owner of the readers is the model; a weak map lets them go with it.
