@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 
 import keras
 import numpy as np
@@ -174,6 +175,17 @@ def add_model_metric(model, metric) -> None:
     model._metrics.append(metric)
 
 
+def loss_tracker(model):
+    """The `Mean` behind a compiled model's `loss` log (a stack updates each member's own)."""
+    return model._loss_tracker
+
+
+def update_compiled_metrics(model, y, y_pred, sample_weight) -> None:
+    """Updates what `compile(metrics=...)` made, without reading every result back."""
+    if model._compile_metrics is not None:
+        model._compile_metrics.update_state(y, y_pred, sample_weight)
+
+
 def remove_model_metric(model, metric) -> None:
     """Undoes `add_model_metric`."""
     model._metrics[:] = [m for m in model._metrics if m is not metric]
@@ -214,6 +226,22 @@ def own_optimizer_variables(optimizer) -> list:
 def optimizer_trainable_variables(optimizer) -> list:
     """The model variables an optimizer was built for."""
     return optimizer._trainable_variables
+
+
+def free_memory() -> tuple[int, str]:
+    """Bytes free now where the weights live, and where that is: the first GPU (JAX, PyTorch), else the host."""
+    if name() == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0), str(jax.devices()[0])
+    if name() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.mem_get_info()[0], "cuda:0"
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this host"
 
 
 # -------------------------------------------------- compiled step functions

@@ -95,3 +95,25 @@ def test_compiled_read_matches_numpy_and_reads_live_values():
 def test_live_values_are_none_outside_fit():
     model = mlp()
     assert backend.live_values(model, [model.layers[0].kernel]) is None
+
+
+def test_the_loss_tracker_and_compiled_metrics_are_what_keras_logs():
+    model = mlp()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
+    x, y = data()
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    tracker = backend.loss_tracker(model)
+    assert isinstance(tracker, keras.metrics.Mean), (
+        f"Keras {keras.__version__} keeps a model's `loss` log elsewhere than `Model._loss_tracker`; "
+        "`keras_l2.backend.loss_tracker` (how a stack updates each member's loss) must follow.")
+    np.testing.assert_allclose(float(tracker.result()), logs["loss"], rtol=1e-6)
+    model.reset_metrics()
+    prediction = model(x)
+    backend.update_compiled_metrics(model, y, prediction, None)
+    expected = np.mean(np.argmax(y, 1) == np.argmax(keras.ops.convert_to_numpy(prediction), 1))
+    assert float(model.get_metrics_result()["accuracy"]) == pytest.approx(expected)
+
+
+def test_free_memory_is_a_positive_number_of_bytes_and_a_place():
+    free, where = backend.free_memory()
+    assert isinstance(free, int) and free > 0 and where
