@@ -224,3 +224,20 @@ def test_the_command_line_has_both_flags_and_refuses_a_stack_size_below_one(tmp_
     assert err.strip().splitlines() == ["keras-l2 sweep: error: --stack-size: must be an integer >= 1 (members per "
                                         "stack). Received: 0"]
     assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.mlflow
+def test_member_callbacks_that_work_per_batch_are_refused(tmp_path):
+    from keras_l2 import MlflowL2Logger
+
+    class PerBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    stack = stack_models(deep_mlp, (0.0, 1.0), route="regularizer", n=N)
+    x, y = data(N, inputs=5)
+    with pytest.raises(ValueError, match="PerBatch works per batch"):
+        stack.fit(x, y, epochs=1, verbose=0, member_callbacks=[[PerBatch()], []])
+    stepping = MlflowL2Logger(tracking_uri=f"sqlite:///{tmp_path}/m.db", log_every_n_steps=2, verbose=0)
+    with pytest.raises(ValueError, match="leave log_every_n_steps unset"):
+        stack.fit(x, y, epochs=1, verbose=0, member_callbacks=[[stepping], []])

@@ -213,11 +213,18 @@ class MemberCallbacks(keras.callbacks.Callback):
     """Runs callbacks for one member of a stack: the member is their model, its own logs their logs.
 
     Epoch-level hooks only (train, epoch and test begin and end): per-batch
-    work belongs on the stack's own callbacks.
+    work belongs on the stack's own callbacks, and a callback with batch hooks
+    (an `MlflowL2Logger` with `log_every_n_steps`) is refused here rather than
+    silently never called.
     """
 
     def __init__(self, stack: StackedModel, index: int, callbacks: list):
         super().__init__()
+        for callback in callbacks:
+            if _batch_level(callback):
+                raise ValueError(f"member_callbacks: {type(callback).__name__} works per batch, and a stack calls its "
+                                 "members' callbacks once per epoch (an MlflowL2Logger: leave log_every_n_steps "
+                                 "unset). Put per-batch callbacks on the stack's own fit(callbacks=...).")
         self.stack, self.index, self.callbacks = stack, index, callbacks
 
     def set_model(self, model):
@@ -253,6 +260,18 @@ class MemberCallbacks(keras.callbacks.Callback):
 
     def on_test_end(self, logs=None):
         self._call("on_test_end", logs=logs)
+
+
+_BATCH_HOOKS = ("on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end",
+                "on_test_batch_begin", "on_test_batch_end")
+
+
+def _batch_level(callback) -> bool:
+    settings = getattr(callback, "settings", None)
+    if hasattr(settings, "log_every_n_steps"):  # MlflowL2Logger: its batch hooks work only with steps to log
+        return settings.log_every_n_steps is not None
+    base = keras.callbacks.Callback
+    return any(getattr(type(callback), hook, None) is not getattr(base, hook) for hook in _BATCH_HOOKS)
 
 
 def _python(value):
