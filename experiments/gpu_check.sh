@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The core numerical tests (on JAX also the XLA and mixed-precision checks) and the step-time benchmark on a GPU, on JAX and PyTorch.
+# The core numerical tests (on JAX also the XLA and mixed-precision checks) and the step-time benchmark on a GPU, on JAX and PyTorch,
+# and the stacked sweep's row (JAX: 8 members in one model against 8 separate fits).
 #
 # Meant for the workplace's GPU machine (the `device` tool): Python 3.12 with
 # JAX (CUDA), PyTorch, numpy, pytest, pytest-xdist, scikit-learn, rich, h5py,
@@ -33,7 +34,7 @@
 # Environment knobs:
 #   QUICK=1            benchmark the small `digits` model with --quick (a dry run)
 #   BACKENDS="jax torch"   which backends, in this order (empty: none)
-#   PARTS="tests bench"    which parts to run (empty: only install, versions and the exclusions)
+#   PARTS="tests bench stacked"    which parts to run (empty: only install, versions and the exclusions)
 #   PYTHON=python3     the interpreter (the GPU machine's python3 holds JAX and PyTorch)
 #   SITE=/tmp/site     where the wheels are installed
 #   PYTEST_WORKERS     pytest-xdist workers (default 8 with a GPU, else 1 = no xdist)
@@ -72,7 +73,7 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 QUICK=${QUICK:-0}
 BACKENDS=${BACKENDS-jax torch}
-PARTS=${PARTS-tests bench}
+PARTS=${PARTS-tests bench stacked}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 DEADLINE=${DEADLINE:-480}
 VARIANTS="none,none (A/A),keras_L2,keras_weight_decay,regularizer,loss,coupled,decoupled"  # A/A: the noise
@@ -260,6 +261,18 @@ if [[ " $PARTS " == *" tests "* ]]; then
 fi
 if [[ " $PARTS " == *" bench "* ]]; then
     for backend in $BACKENDS; do step "benchmark ($backend)" run_bench "$backend"; done
+fi
+# The stacked sweep's row: 8 members of 784-1024-1024-10 at batch 256 in one model, against 8 separate fits (JAX).
+run_stacked() {
+    local rounds=3
+    [[ $QUICK == 1 ]] && rounds=1
+    say "KERAS_BACKEND=jax $PY experiments/stacked_benchmark.py --fit-only --rounds $rounds"
+    KERAS_BACKEND=jax timeout -k 10 "$STEP_LIMIT" "$PY" experiments/stacked_benchmark.py --fit-only --rounds "$rounds" 2>&1 \
+        | tee "$RUNDIR/stacked.log"
+    return "${PIPESTATUS[0]}"
+}
+if [[ " $PARTS " == *" stacked "* ]]; then
+    step "stacked sweep (jax)" run_stacked
 fi
 
 banner "summary"

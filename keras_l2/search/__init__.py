@@ -1,5 +1,9 @@
 """λ sweeps of any Keras classifier: one run per λ (and seed), tracked in MLflow, with a table and plots.
 
+By default the λs of a seed train together, in one compiled model, each
+member exactly as its separate run (`stacked`); `stacked=False` trains the
+runs one after another.
+
 `run_sweep(config, model=..., data=...)` trains the model the function `model`
 builds once per λ in `config.lambdas`, with L2 on the Dense layers named by
 `config.layers` through `config.route`, every run of a seed from the same
@@ -10,7 +14,8 @@ Without `model` it trains the built-in MLP, without `data` the digits (or
 
 Modules: `config` (`SweepConfig` and its checks), `data` (the digits, .npz,
 arrays, `tf.data`, and n), `models` (the built-in MLP, model functions and
-their checks), `training` (one run), `runner` (the sweep and its parent run),
+their checks), `stacked` (members trained together), `stacking` (building a
+stack), `training` (one run, one stack), `runner` (the sweep and its parent run),
 `report` (the table and plots), `command` (the command line). Names are
 imported on first use (PEP 562): the command line parses its options with
 `config` and `command` only, which import no Keras.
@@ -41,6 +46,10 @@ _EXPORTS = {
     "choose_layers": "keras_l2.search.models",
     "load_model_spec": "keras_l2.search.models",
     "draw_plots": "keras_l2.search.report",
+    "StackedModel": "keras_l2.search.stacked",
+    "StackedOptimizer": "keras_l2.search.stacked",
+    "member_logs": "keras_l2.search.stacked",
+    "stack_models": "keras_l2.search.stacking",
     "summarize": "keras_l2.search.report",
     "PreparedSweep": "keras_l2.search.runner",
     "prepare_sweep": "keras_l2.search.runner",

@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "against the seeds' spread (default: %(default)s)")
     p.add_argument("--workers", type=int, default=defaults.workers,
                    help="parallel training processes on this machine (default: %(default)s)")
+    p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=defaults.stacked,
+                   help="train every lambda of a seed together in one compiled model, each member exactly as "
+                        "its separate run (--no-stacked: one run after another; default: %(default)s)")
+    p.add_argument("--stack-size", type=int, default=None,
+                   help="members per stack (default: as many as a quarter of the free memory holds)")
     p.add_argument("--train-size", type=int, default=defaults.train_size,
                    help="training examples taken from the digits (default: %(default)s; the rest validates)")
     p.add_argument("--data", default=None,
@@ -78,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         lambdas=parse_lambdas(args.lambdas), route=args.route, optimizer=args.optimizer,
         learning_rate=args.learning_rate, layers=args.layers, hidden=_widths(args.hidden), epochs=args.epochs,
         batch_size=args.batch_size, seeds=args.seeds, workers=args.workers, train_size=args.train_size,
+        stacked=args.stacked, stack_size=args.stack_size,
         data=args.data, model=args.model, tracking_uri=args.tracking_uri, experiment=args.experiment,
         results_dir=args.results_dir, allow_unseen_classes=args.allow_unseen_classes,
         verbose=0 if args.quiet or args.json else 1,

@@ -43,6 +43,8 @@ class SweepConfig:
     batch_size: int = 32
     seeds: int = 1
     workers: int = 1
+    stacked: bool = True  # every lambda of a seed trained together, in one compiled model (see search.stacked)
+    stack_size: int | None = None  # members per stack; None: as many as the free memory allows
     train_size: int = 200
     data: str | None = None  # an .npz; None: scikit-learn's digits
     model: str | None = None  # "module:function" building the model; None: the built-in MLP
@@ -85,6 +87,11 @@ def check_config(config: SweepConfig) -> SweepConfig:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= 1. Received: {value!r}")
+    if not isinstance(config.stacked, bool):
+        raise ValueError(f"stacked: True or False. Received: {config.stacked!r}")
+    if config.stack_size is not None and (isinstance(config.stack_size, bool) or not isinstance(
+            config.stack_size, int) or config.stack_size < 1):
+        raise ValueError(f"--stack-size: must be an integer >= 1 (members per stack). Received: {config.stack_size!r}")
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATES[config.optimizer]
     if isinstance(config.learning_rate, int) and not isinstance(config.learning_rate, bool):

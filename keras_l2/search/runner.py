@@ -2,7 +2,10 @@
 
 `run_sweep(config, model=..., data=...)` trains the model once per lambda and
 seed, every run of a seed from the same initial weights and the same data
-order, in this process or in `config.workers` worker processes. Each run is a
+order, in this process or in `config.workers` worker processes. With
+`config.stacked` (the default) the lambdas of a seed train together in
+stacks of `config.stack_size` members (default: what the free memory holds),
+each member exactly its separate run (`keras_l2.search.stacked`). Each run is a
 child of the sweep's parent run, logged by `MlflowL2Logger`; the parent run
 goes through the same delivery (`Outbox`): a tracking server that dies during
 the sweep costs its end at most `config.max_delay` seconds, and what could
@@ -40,7 +43,8 @@ from keras_l2.search.config import RESULTS_DIR, SweepConfig, check_config
 from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, digits, load_npz
 from keras_l2.search.models import check_model, load_model_spec, mlp_function
 from keras_l2.search.report import best_lines, draw_plots, summarize, training_notes
-from keras_l2.search.training import RunPlan, train_one
+from keras_l2.search.stacking import default_stack_size
+from keras_l2.search.training import RunPlan, train_one, train_stack
 from keras_l2.tracking.outbox import Outbox
 from keras_l2.tracking.store import TrackingStore, open_store, resolve_store, short_requests, ui_hint
 
@@ -61,7 +65,9 @@ def run_sweep(config: SweepConfig | None = None, model: Callable | None = None, 
             of `(x, one-hot y)` (see `keras_l2.search.data` for n);
             None: `config.data` (an .npz), else the digits.
         callbacks: Keras callbacks added to every run's `fit` (after the
-            logger); with `workers > 1`, each worker gets a copy.
+            logger); with `workers > 1`, each worker gets a copy. In a stack
+            each is called for every member, at epoch level, with that member
+            as its model and that member's logs.
 
     Raises:
         ValueError: bad options, data, or a model that does not fit them; a
@@ -78,9 +84,10 @@ def prepare_sweep(config: SweepConfig | None = None, model: Callable | None = No
     if config.workers > 1 and isinstance(data, DatasetData):
         raise ValueError(f"workers: tf.data datasets cannot be sent to worker processes; use workers=1 or "
                          f"NumPy arrays. Received: workers={config.workers}")
+    stack_size, reason = _stack_size(config, build)
     store = resolve_store(config.tracking_uri)
     _check_reachable(store)
-    return PreparedSweep(config, data, build, store, _parent_params(config, data, model))
+    return PreparedSweep(config, data, build, store, _parent_params(config, data, model), stack_size, reason)
 
 
 @dataclasses.dataclass
@@ -92,6 +99,8 @@ class PreparedSweep:
     build: Callable
     store: TrackingStore
     params: dict
+    stack_size: int = 1  # members per stack (with config.stacked)
+    stack_reason: str = ""  # how the stack size was chosen, in words
 
     def run(self, callbacks: Sequence = ()) -> dict:
         """Runs the sweep (see `run_sweep`)."""
@@ -106,11 +115,14 @@ class PreparedSweep:
             raise RuntimeError(f"The sweep's parent run was not created in {store.tracking_uri} within "
                                f"{PARENT_TIMEOUT:g} s; its records are saved in {outbox.spool_dir}.")
         plan = RunPlan(config, data, self.build, parent_id, store.tracking_uri, tuple(callbacks))
-        jobs = [(l2, seed) for seed in range(config.seeds) for l2 in config.lambdas]
+        jobs = _jobs(config, self.stack_size)
         if config.verbose:
-            print(f"Sweep: {len(config.lambdas)} lambdas x {config.seeds} seed(s) = {len(jobs)} runs on "
-                  f"{data.name}, route {config.route}, {config.workers} worker(s); MLflow {store.tracking_uri}, "
-                  f"parent run {parent_id}", flush=True)
+            runs = len(config.lambdas) * config.seeds
+            how = (f"in {len(jobs)} stack(s) ({self.stack_reason})" if config.stacked
+                   else "one by one")
+            print(f"Sweep: {len(config.lambdas)} lambdas x {config.seeds} seed(s) = {runs} runs on "
+                  f"{data.name}, route {config.route}, trained {how}, {config.workers} worker(s); "
+                  f"MLflow {store.tracking_uri}, parent run {parent_id}", flush=True)
         started = time.perf_counter()
         status, plots, delivered = "FAILED", [], False
         try:
@@ -135,6 +147,16 @@ class PreparedSweep:
 def results_dir(config: SweepConfig, parent_id: str) -> Path:
     """Where the plots go: `config.results_dir`, else `mlruns/plots/<parent run id>` (never tracked files)."""
     return Path(config.results_dir) if config.results_dir else Path(RESULTS_DIR) / parent_id
+
+
+def _stack_size(config: SweepConfig, build) -> tuple[int, str]:
+    """Members per stack: `config.stack_size`, else what the memory allows (all of a seed's lambdas here)."""
+    if not config.stacked:
+        return 1, "not stacked"
+    if config.stack_size is not None:
+        size = min(config.stack_size, len(config.lambdas))
+        return size, f"{size} members per stack, from --stack-size {config.stack_size}"
+    return default_stack_size(build, len(config.lambdas), config.optimizer, config.batch_size)
 
 
 def _resolve_data(config: SweepConfig, data) -> SweepData | DatasetData:
@@ -163,7 +185,7 @@ def _parent_params(config: SweepConfig, data, model) -> dict:
     params = {"sweep.lambdas": ",".join(f"{v:g}" for v in config.lambdas), "sweep.route": config.route,
               "sweep.optimizer": config.optimizer, "sweep.learning_rate": config.learning_rate,
               "sweep.epochs": config.epochs, "sweep.seeds": config.seeds, "sweep.layers": config.layers or "all",
-              "sweep.data": data.name}
+              "sweep.data": data.name, "sweep.stacked": config.stacked}
     if getattr(data, "class_names", None):  # string labels: which class id is which label
         mapping = ",".join(f"{i}={name}" for i, name in enumerate(data.class_names))
         params["sweep.classes"] = mapping if len(mapping) <= 500 else mapping[:497] + "..."
@@ -221,26 +243,39 @@ def _experiment_of(store, run_id: str) -> str | None:
         return None
 
 
+def _jobs(config: SweepConfig, stack_size: int) -> list:
+    """What one worker trains at a time: `(lambdas, seed)`, a stack of one seed's lambdas or a single run."""
+    size = stack_size if config.stacked else 1
+    return [(config.lambdas[i:i + size], seed) for seed in range(config.seeds)
+            for i in range(0, len(config.lambdas), size)]
+
+
+def _train(plan: RunPlan, lambdas: tuple, seed: int, position: str) -> list:
+    if plan.config.stacked:
+        return train_stack(plan, lambdas, seed, position)
+    (l2,) = lambdas
+    return [train_one(plan, l2, seed, position)]
+
+
 def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:
-    total, verbose = len(jobs), plan.config.verbose
+    total, verbose = sum(len(lambdas) for lambdas, _ in jobs), plan.config.verbose
+    results = []
     if plan.config.workers == 1:
-        results = []
-        for index, (l2, seed) in enumerate(jobs):
-            results.append(train_one(plan, l2, seed, f"[{index + 1}/{total}]"))
-            _report(verbose, index + 1, total, started)
+        for index, (lambdas, seed) in enumerate(jobs):
+            results += _train(plan, lambdas, seed, f"[{index + 1}/{len(jobs)}]")
+            _report(verbose, len(results), total, started)
         return results
     import concurrent.futures
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # never fork a process that has TensorFlow threads
-    results = []
     with concurrent.futures.ProcessPoolExecutor(plan.config.workers, mp_context=context,
                                                 initializer=_quiet_worker) as pool:
-        futures = [pool.submit(train_one, plan, l2, seed, f"[{index + 1}/{total}]")
-                   for index, (l2, seed) in enumerate(jobs)]
-        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-            results.append(future.result())
-            _report(verbose, done, total, started)
+        futures = [pool.submit(_train, plan, lambdas, seed, f"[{index + 1}/{len(jobs)}]")
+                   for index, (lambdas, seed) in enumerate(jobs)]
+        for future in concurrent.futures.as_completed(futures):
+            results += future.result()
+            _report(verbose, len(results), total, started)
     return sorted(results, key=lambda r: (r["seed"], r["l2"]))
 
 

@@ -1,4 +1,4 @@
-"""One run of a sweep: build the model, put L2 on the chosen layers, compile, fit with the logger."""
+"""One run of a sweep (build the model, put L2 on the chosen layers, compile, fit with the logger), or one stack."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from keras_l2.routes import apply_route, make_optimizer
 from keras_l2.search.config import SweepConfig
 from keras_l2.search.data import DatasetData, SweepData
 from keras_l2.search.models import choose_layers
+from keras_l2.search.stacked import member_logs
+from keras_l2.search.stacking import stack_models
 
 
 @dataclasses.dataclass
@@ -38,21 +40,75 @@ def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
     optimizer, loss = apply_route(model, config.route, make_optimizer(config.optimizer, config.learning_rate), l2,
                                   data.n, chosen)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    logger = MlflowL2Logger(
-        tracking_uri=plan.store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
-        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route},
-        max_delay=config.max_delay, spool_dir=config.spool_dir, verbose=0,
-    )
+    logger = _logger(plan, l2, seed)
     progress = _Progress(f"{position} l2={l2:<8g} seed={seed}", config.epochs, config.verbose)
     # The same data order for every lambda of a seed: shuffling draws from Keras' seeded generator.
     keras.utils.set_random_seed(1000 + seed)
     history = model.fit(**data.fit_args(config.batch_size), epochs=config.epochs, verbose=0,
                         callbacks=[logger, progress, *plan.callbacks]).history
+    return _result(l2, seed, logger, history, progress, chosen)
+
+
+def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "") -> list:
+    """Trains one stack: every lambda in `lambdas` with `seed`, together (see `keras_l2.search.stacked`).
+
+    Returns one result per lambda, each what `train_one` returns for it: every
+    member logs to its own child run, exactly as its separate run would.
+    """
+    config, data = plan.config, plan.data
+    stack = stack_models(plan.build, lambdas, seed, route=config.route, n=data.n, layers=config.layers,
+                         optimizer=config.optimizer, learning_rate=config.learning_rate)
+    loggers = [_logger(plan, l2, seed) for l2 in lambdas]
+    progresses = [_Progress("", config.epochs, 0) for _ in lambdas]
+    label = f"{position} stack of {len(lambdas)}: l2={','.join(f'{v:g}' for v in lambdas)} seed={seed}"
+    keras.utils.set_random_seed(1000 + seed)  # the data order of every separate run of this seed
+    history = stack.fit(**data.fit_args(config.batch_size), epochs=config.epochs, verbose=0,
+                        callbacks=[_StackProgress(label, config.epochs, config.verbose, lambdas)],
+                        member_callbacks=[[logger, progress, *plan.callbacks]
+                                          for logger, progress in zip(loggers, progresses, strict=True)]).history
+    chosen = [choose_layers(member.model, config.layers) for member in stack.members]
+    members = zip(lambdas, loggers, progresses, chosen, strict=True)
+    return [_result(l2, seed, logger, member_logs(history, index), progress, layers)
+            for index, (l2, logger, progress, layers) in enumerate(members)]
+
+
+def _logger(plan: RunPlan, l2: float, seed: int) -> MlflowL2Logger:
+    config = plan.config
+    return MlflowL2Logger(
+        tracking_uri=plan.store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
+        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route},
+        max_delay=config.max_delay, spool_dir=config.spool_dir, verbose=0,
+    )
+
+
+def _result(l2, seed, logger, history, progress, chosen) -> dict:
     return {
         "l2": l2, "seed": seed, "run_id": logger.run_id, "history": history,
         "norms": {layer: trajectory[-1] for layer, trajectory in progress.norm_history.items()},
         "chosen": [layer.name for layer in chosen], "norm_history": progress.norm_history,
     }
+
+
+class _StackProgress(keras.callbacks.Callback):
+    """One line per stack every few epochs: epoch, the best member's validation data loss, ETA."""
+
+    def __init__(self, label, epochs, verbose, lambdas):
+        super().__init__()
+        self.label, self.epochs, self.verbose, self.lambdas = label, epochs, verbose, lambdas
+        self.every = max(1, epochs // 4)
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if self.verbose and (done % self.every == 0 or done == self.epochs):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / done * (self.epochs - done)
+            losses = [(member_logs(logs, k).get("val_data_loss"), l2) for k, l2 in enumerate(self.lambdas)]
+            best = min(((v, l2) for v, l2 in losses if v is not None), default=None)
+            shown = f"best val_data_loss {best[0]:.4f} (l2={best[1]:g})" if best else ""
+            print(f"{self.label} epoch {done:>4}/{self.epochs}  {shown}  ETA {eta:5.1f}s", flush=True)
 
 
 class _Progress(keras.callbacks.Callback):

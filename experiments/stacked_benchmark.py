@@ -1,0 +1,133 @@
+"""Stacked against sequential sweeps: wall time of whole `run_sweep` calls, in interleaved rounds.
+
+Each round runs the same sweep twice in this process, stacked (every lambda
+of a seed in one compiled model) and one run after another, in alternating
+order, each into its own fresh SQLite store; the table gives the medians and
+the median of the per-round ratios stacked / sequential. Cases:
+
+- `digits`: the default sweep (`keras-l2 sweep`: 7 lambdas, 60 epochs,
+  64-512-512-10, batch 32, 200 training examples);
+- `wide`: 784-1024-1024-10 at batch 256 on 2,048 random examples (4 lambdas,
+  2 epochs): compute-bound on a CPU, so expected near 1 there.
+
+Usage: `python experiments/stacked_benchmark.py [--rounds 3] [--cases digits,wide]`
+(`KERAS_BACKEND` picks the backend; TensorFlow by default).
+
+`--fit-only` times `fit` alone, without MLflow (what `experiments/gpu_check.sh`
+runs on a GPU machine, which has no MLflow): K = 8 members of
+784-1024-1024-10 at batch 256 on 8,192 random examples, 2 epochs, stacked
+against 8 separate fits, compilation included in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_l2.search.models import mlp_function  # noqa: E402
+
+
+def wide_case():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048 + 512, 784)).astype("float32")
+    y = (x @ rng.normal(size=(784, 10))).argmax(axis=1)
+    data = (x[:2048], y[:2048], x[2048:], y[2048:])
+    config = dict(lambdas=(0.0, 0.01, 0.1, 1.0), epochs=2, batch_size=256, layers=None)
+    return config, mlp_function(784, 10, (1024, 1024)), data
+
+
+CASES = {
+    "digits": lambda: ({}, None, None),
+    "wide": wide_case,
+}
+
+
+def timed(case: str, stacked: bool, root: str) -> float:
+    from keras_l2.search import SweepConfig, run_sweep  # (MLflow: not on the GPU machine)
+
+    overrides, model, data = CASES[case]()
+    store = tempfile.mkdtemp(dir=root)
+    config = SweepConfig(stacked=stacked, verbose=0, tracking_uri=f"sqlite:///{store}/mlflow.db",
+                         results_dir=os.path.join(store, "plots"), spool_dir=os.path.join(store, "spool"),
+                         **overrides)
+    start = time.perf_counter()
+    run_sweep(config, model=model, data=data)
+    return time.perf_counter() - start
+
+
+def fit_only(members: int = 8, epochs: int = 2, examples: int = 8192) -> tuple[float, float]:
+    """Seconds for `members` separate fits and for one stacked fit of them (no tracking)."""
+    from keras_l2.routes import apply_route, make_optimizer
+    from keras_l2.search.models import choose_layers
+    from keras_l2.search.stacking import stack_models
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(examples, 784)).astype("float32")
+    y = np.eye(10, dtype="float32")[(x @ rng.normal(size=(784, 10))).argmax(axis=1)]
+    build = mlp_function(784, 10, (1024, 1024))
+    lambdas = [0.0] + [10.0 ** k for k in range(-3, members - 4)]
+    start = time.perf_counter()
+    for l2 in lambdas:
+        keras.utils.clear_session()
+        keras.utils.set_random_seed(0)
+        model = build()
+        optimizer, loss = apply_route(model, "regularizer", make_optimizer("adam", 1e-3), l2, examples,
+                                      choose_layers(model, None))
+        model.compile(optimizer=optimizer, loss=loss)
+        model.fit(x, y, batch_size=256, epochs=epochs, verbose=0)
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    stack = stack_models(build, lambdas, 0, route="regularizer", n=examples, metrics=())
+    stack.fit(x, y, batch_size=256, epochs=epochs, verbose=0)
+    return sequential, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cases", default="digits,wide")
+    parser.add_argument("--fit-only", action="store_true", help="time fit alone, K=8 wide members, no MLflow")
+    args = parser.parse_args(argv)
+    if args.fit_only:
+        print(f"backend {keras.backend.backend()}, fit only, 8 members of 784-1024-1024-10, batch 256", flush=True)
+        ratios = []
+        for round_ in range(args.rounds):
+            sequential, stacked = fit_only()
+            ratios.append(stacked / sequential)
+            print(f"| stacked K=8 round {round_ + 1} | sequential {sequential:.1f} s | stacked {stacked:.1f} s | "
+                  f"ratio {ratios[-1]:.3f} |", flush=True)
+        print(f"| stacked K=8 (median of {args.rounds}) | | | ratio {statistics.median(ratios):.3f} (target <= 0.25) |")
+        return
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
+    print(f"backend {keras.backend.backend()}, {os.cpu_count()} CPUs, {args.rounds} interleaved rounds", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for case in cases:
+            times = {True: [], False: []}
+            for round_ in range(args.rounds):
+                for stacked in ((True, False) if round_ % 2 == 0 else (False, True)):
+                    times[stacked].append(timed(case, stacked, root))
+                print(f"  {case} round {round_ + 1}: stacked {times[True][-1]:.1f} s, "
+                      f"sequential {times[False][-1]:.1f} s", flush=True)
+            ratios = [s / q for s, q in zip(times[True], times[False], strict=True)]
+            rows.append((case, statistics.median(times[False]), statistics.median(times[True]),
+                         statistics.median(ratios), min(ratios), max(ratios)))
+    print("\n| case | sequential (s) | stacked (s) | stacked / sequential (median) | range |")
+    print("|---|---|---|---|---|")
+    for case, sequential, stacked, ratio, low, high in rows:
+        print(f"| {case} | {sequential:.1f} | {stacked:.1f} | {ratio:.3f} | {low:.3f}–{high:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
