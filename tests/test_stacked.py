@@ -241,3 +241,19 @@ def test_member_callbacks_that_work_per_batch_are_refused(tmp_path):
     stepping = MlflowL2Logger(tracking_uri=f"sqlite:///{tmp_path}/m.db", log_every_n_steps=2, verbose=0)
     with pytest.raises(ValueError, match="leave log_every_n_steps unset"):
         stack.fit(x, y, epochs=1, verbose=0, member_callbacks=[[stepping], []])
+
+
+def test_the_default_stack_size_gives_every_worker_a_stack_and_stack_size_caps_it(tmp_path):
+    from keras_l2.search import prepare_sweep
+    from tests.helpers import sqlite_store, user_data
+
+    def sweep(**options):
+        config = SweepConfig(lambdas=(0.0, 0.1, 1.0, 3.0, 10.0), layers=None, tracking_uri=sqlite_store(tmp_path),
+                             verbose=0, **options)
+        return prepare_sweep(config, model=two_layer_model, data=user_data())
+
+    assert sweep().stack_size == 5 and "free on" in sweep().stack_reason  # memory allows all five here
+    assert (sweep(workers=2).stack_size, sweep(workers=2).stack_reason) == (
+        3, "3 members per stack, so that each of the 2 workers trains one")
+    assert sweep(workers=2, seeds=2).stack_size == 5  # two seeds: a stack each
+    assert sweep(stack_size=2).stack_size == 2 and sweep(stack_size=9).stack_size == 5

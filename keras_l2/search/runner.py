@@ -105,6 +105,8 @@ class PreparedSweep:
     def run(self, callbacks: Sequence = ()) -> dict:
         """Runs the sweep (see `run_sweep`)."""
         config, data, store = self.config, self.data, self.store
+        if config.stacked:
+            self.params["sweep.stack_size"] = self.stack_size
         outbox = Outbox(store, spool_dir=config.spool_dir, request_timeout=min(5.0, max(1.0, config.max_delay)))
         parent = outbox.create_run(config.experiment, run_name=f"sweep {config.route} {len(config.lambdas)} lambdas",
                                    tags={"sweep.data": data.name, "sweep.route": config.route})
@@ -156,7 +158,11 @@ def _stack_size(config: SweepConfig, build) -> tuple[int, str]:
     if config.stack_size is not None:
         size = min(config.stack_size, len(config.lambdas))
         return size, f"{size} members per stack, from --stack-size {config.stack_size}"
-    return default_stack_size(build, len(config.lambdas), config.optimizer, config.batch_size)
+    size, reason = default_stack_size(build, len(config.lambdas), config.optimizer, config.batch_size)
+    share = -(-len(config.lambdas) * config.seeds // config.workers)  # every worker gets a stack to train
+    if share < size:
+        return share, f"{share} members per stack, so that each of the {config.workers} workers trains one"
+    return size, reason
 
 
 def _resolve_data(config: SweepConfig, data) -> SweepData | DatasetData:
