@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -33,6 +34,7 @@ import sys
 
 import keras
 
+from keras_l2.routes import apply_route, make_optimizer
 from keras_l2.selection import select_layers
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -111,6 +113,32 @@ def check_model(function, features: int, classes: int, layers: str | None) -> li
         raise ValueError(f"model: {model.name!r} outputs shape {tuple(outputs[0].shape[1:])}, but the data has "
                          f"{classes} classes (allowed: a softmax output of {classes} units)")
     return choose_layers(model, layers)
+
+
+def build_run(build, seed: int, scope: str | None = None) -> keras.Model:
+    """One run's model, built exactly as every run of `seed` is: after `clear_session()` and `set_random_seed(seed)`.
+
+    `scope`: a name scope for its variables' paths (a stack's members), which changes no value.
+    """
+    keras.utils.clear_session()  # the same auto-generated layer names in every run
+    keras.utils.set_random_seed(seed)
+    with keras.name_scope(scope) if scope else contextlib.nullcontext():
+        return build()
+
+
+def compile_run(model, l2: float, *, route: str, n: int, layers: str | None, optimizer="adam",
+                learning_rate: float = 1e-3, metrics=("accuracy",)) -> list:
+    """Puts L2 with `l2` on the chosen layers through `route` and compiles `model`; returns the chosen layers.
+
+    `optimizer`: a name in `keras_l2.OPTIMIZERS` (with `learning_rate`), or a function returning a fresh one.
+    """
+    fresh = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer()
+    if not isinstance(fresh, keras.optimizers.Optimizer):
+        raise ValueError(f"optimizer: the function must return a keras.optimizers.Optimizer. Received: {fresh!r:.80}")
+    chosen = choose_layers(model, layers)
+    fresh, loss = apply_route(model, route, fresh, l2, n, chosen)
+    model.compile(optimizer=fresh, loss=loss, metrics=list(metrics))
+    return chosen
 
 
 def choose_layers(model, spec: str | None) -> list:

@@ -87,7 +87,10 @@ def prepare_sweep(config: SweepConfig | None = None, model: Callable | None = No
     stack_size, reason = _stack_size(config, build)
     store = resolve_store(config.tracking_uri)
     _check_reachable(store)
-    return PreparedSweep(config, data, build, store, _parent_params(config, data, model), stack_size, reason)
+    params = _parent_params(config, data, model)
+    if config.stacked:
+        params["sweep.stack_size"] = stack_size
+    return PreparedSweep(config, data, build, store, params, stack_size, reason)
 
 
 @dataclasses.dataclass
@@ -105,8 +108,6 @@ class PreparedSweep:
     def run(self, callbacks: Sequence = ()) -> dict:
         """Runs the sweep (see `run_sweep`)."""
         config, data, store = self.config, self.data, self.store
-        if config.stacked:
-            self.params["sweep.stack_size"] = self.stack_size
         outbox = Outbox(store, spool_dir=config.spool_dir, request_timeout=min(5.0, max(1.0, config.max_delay)))
         parent = outbox.create_run(config.experiment, run_name=f"sweep {config.route} {len(config.lambdas)} lambdas",
                                    tags={"sweep.data": data.name, "sweep.route": config.route})

@@ -26,8 +26,8 @@ from keras import ops
 
 from keras_l2 import backend
 from keras_l2._checks import check_l2
-from keras_l2.routes import apply_route, make_optimizer
-from keras_l2.search.models import choose_layers
+from keras_l2.inventory import optimizer_chain
+from keras_l2.search.models import build_run, compile_run
 from keras_l2.search.stacked import PREFIX, Member, StackedModel, StackedOptimizer
 
 MEMORY_SHARE = 0.25  # of the free memory, what the default stack size may plan to use
@@ -60,12 +60,10 @@ def stack_models(build: Callable, lambdas: Sequence, seed: int = 0, *, route: st
         raise ValueError(f"seed: an integer. Received: {seed!r}")
     members, shape = [], None
     for index, l2 in enumerate(lambdas):
-        keras.utils.clear_session()  # the same auto-generated layer names as a separate run
-        keras.utils.set_random_seed(seed)
-        # Layer names repeat across members, variable paths must not: PyTorch registers a model's parameters
-        # by path, and a member left out would keep last step's gradients (they accumulate).
-        with keras.name_scope(PREFIX.format(index).rstrip("/")):
-            model = build()
+        # Each member exactly as its separate run is built and compiled (`train_one` does the same). Layer
+        # names repeat across members, variable paths must not: PyTorch registers a model's parameters by path,
+        # and a member left out would keep last step's gradients (they accumulate).
+        model = build_run(build, seed, scope=PREFIX.format(index).rstrip("/"))
         signature = _architecture(model)
         if shape is None:
             shape = signature
@@ -73,11 +71,10 @@ def stack_models(build: Callable, lambdas: Sequence, seed: int = 0, *, route: st
             raise ValueError(f"model: the build function returned another architecture for λ={l2:g} than for "
                              f"λ={lambdas[0]:g} ({_difference(shape, signature)}); stacked members must be copies "
                              "of one model. Build the same layers on every call.")
-        member_optimizer = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer()
-        _check_uncoupled(member_optimizer)
-        chosen = choose_layers(model, layers)
-        member_optimizer, loss = apply_route(model, route, member_optimizer, l2, n, chosen)
-        model.compile(optimizer=member_optimizer, loss=loss, metrics=list(metrics))
+        compile_run(model, l2, route=route, n=n, layers=layers, optimizer=optimizer, learning_rate=learning_rate,
+                    metrics=metrics)
+        for member_optimizer in optimizer_chain(model.optimizer):
+            _check_uncoupled(member_optimizer)
         _build_metrics(model)
         members.append(Member(l2, seed, model))
     stack = StackedModel(members)
@@ -134,9 +131,6 @@ def _check_lambdas(lambdas) -> tuple:
 
 
 def _check_uncoupled(optimizer) -> None:
-    if not isinstance(optimizer, keras.optimizers.Optimizer):
-        raise ValueError(f"optimizer: the function must return a keras.optimizers.Optimizer. "
-                         f"Received: {optimizer!r:.80}")
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or optimizer.loss_scale_factor is not None:
         raise ValueError("optimizer: loss scaling (LossScaleOptimizer, loss_scale_factor) scales the stack's summed "
                          "loss and skips steps for every member at once; stacked members cannot use it. "

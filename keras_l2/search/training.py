@@ -10,10 +10,9 @@ import keras
 import numpy as np
 
 from keras_l2 import MlflowL2Logger
-from keras_l2.routes import apply_route, make_optimizer
 from keras_l2.search.config import SweepConfig
 from keras_l2.search.data import DatasetData, SweepData
-from keras_l2.search.models import choose_layers
+from keras_l2.search.models import build_run, choose_layers, compile_run
 from keras_l2.search.stacked import member_logs
 from keras_l2.search.stacking import stack_models
 
@@ -33,13 +32,9 @@ class RunPlan:
 def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
     """Trains one model with lambda `l2`; returns its per-epoch history and final norms."""
     config, data = plan.config, plan.data
-    keras.utils.clear_session()  # the same auto-generated layer names in every run
-    keras.utils.set_random_seed(seed)
-    model = plan.build()
-    chosen = choose_layers(model, config.layers)
-    optimizer, loss = apply_route(model, config.route, make_optimizer(config.optimizer, config.learning_rate), l2,
-                                  data.n, chosen)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    model = build_run(plan.build, seed)
+    chosen = compile_run(model, l2, route=config.route, n=data.n, layers=config.layers, optimizer=config.optimizer,
+                         learning_rate=config.learning_rate)
     logger = _logger(plan, l2, seed)
     progress = _Progress(f"{position} l2={l2:<8g} seed={seed}", config.epochs, config.verbose)
     # The same data order for every lambda of a seed: shuffling draws from Keras' seeded generator.
