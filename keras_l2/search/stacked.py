@@ -15,9 +15,12 @@ member's gradients to that member's own optimizer (Adam, SGD, an
 member's weights and logs equal its separate run's (to float rounding: a
 compiler may order the same arithmetic differently in a larger graph) when
 both start from the same seed and see the same data order. Dropout is
-exact too: each member's layers draw from their own seed generators, made
-when the member was built. Members are towers, so `BatchNormalization` only
-ever sees its own member's activations (nothing is mixed).
+exact too on TensorFlow and JAX: each member's layers draw from their own
+seed generators, made when the member was built. On PyTorch Keras draws an
+unseeded `Dropout`'s masks from torch's global generator, which the members
+share: there a member equals its run only in distribution, unless its
+Dropout has a `seed`. Members are towers, so `BatchNormalization` only ever
+sees its own member's activations (nothing is mixed).
 
 What would couple members is refused before training (by `stack_models`):
 `global_clipnorm` (one norm over every member's gradients) and loss scaling
