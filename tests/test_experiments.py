@@ -79,3 +79,18 @@ def test_logger_overhead_prints_every_variant():
     hooks, delivery = zip(*((float(line.split()[-2]), float(line.split()[-1])) for line in rows), strict=True)
     assert hooks[:2] == delivery[:2] == (0.0, 0.0)  # no logger, no logger work
     assert all(value > 0 for value in hooks[2:] + delivery[2:])
+
+
+@pytest.mark.multiprocess  # starts a script: make test-multiprocess
+def test_stacked_benchmark_rejects_an_unknown_case_and_times_a_tiny_fit_only_round():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "stacked_benchmark.py"), "--cases", "digits,mnist"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300,
+    )
+    assert done.returncode == 2 and "--cases: unknown ['mnist']; choose from ['digits', 'wide']" in done.stderr
+    code = ("import sys; sys.path.insert(0, 'experiments'); import stacked_benchmark as b; "
+            "sequential, stacked = b.fit_only(members=2, epochs=1, examples=64); "
+            "print('ok', sequential > 0 and stacked > 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert done.returncode == 0 and "ok True" in done.stdout, done.stderr[-2000:]
