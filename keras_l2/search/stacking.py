@@ -88,7 +88,7 @@ def default_stack_size(build: Callable, members: int, optimizer: str, batch_size
     """How many members one stack holds, from one member's size and the free memory; and why, in words.
 
     A member needs its weights, their gradients and the optimizer's slots
-    (Adam and RMSprop: up to 2 per weight), plus its activations for one
+    (Adam 2 per weight, SGD with momentum and RMSprop 1), plus its activations for one
     batch; a stack may plan on `MEMORY_SHARE` of the memory free now.
     """
     keras.utils.clear_session()
