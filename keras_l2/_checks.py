@@ -32,6 +32,28 @@ def check_l2(l2: object) -> float:
     return value
 
 
+def check_lambdas(values, name: str = "lambdas") -> tuple:
+    """Returns `values` as a tuple of floats (same order): at least one, each a valid lambda, none repeated.
+
+    `name` starts each message (`--lambdas` on the command line). One lambda is
+    one run (a stack's member) per seed, so a repeat would train it twice.
+    """
+    values = tuple(values) if not isinstance(values, (numbers.Real, str)) else (values,)
+    if not values:
+        raise ValueError(f"{name}: give at least one lambda, e.g. 0,1e-3,1e-2. Received: {values!r}")
+    checked = []
+    for value in values:
+        try:
+            checked.append(check_l2(value))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}: {value!r}: {error}") from None
+    repeated = sorted({v for v in checked if checked.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{name}: repeated (λ, seed) members {[f'{v:g}' for v in repeated]}: each is trained "
+                         "once. Received: " + ",".join(f"{v:g}" for v in checked))
+    return tuple(checked)
+
+
 def check_n(n: object) -> int:
     """Returns `n` after checking that it is an integer >= 1."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):

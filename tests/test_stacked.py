@@ -146,6 +146,14 @@ def test_a_build_function_whose_architecture_changes_is_refused():
         stack_models(changing, (0.0, 1.0), route="regularizer", n=N)
 
 
+@pytest.mark.parametrize("lambdas, message", [((0.1, 0.1), r"repeated \(λ, seed\) members \['0.1'\]"),
+                                              ((), "give at least one lambda")])
+def test_a_sweep_config_with_no_or_repeated_lambdas_is_refused_before_any_run(lambdas, message):
+    # The library's config, not only the command line: a stack would refuse them after the parent run exists.
+    with pytest.raises(ValueError, match=r"--lambdas: " + message):
+        check_config(SweepConfig(lambdas=lambdas))
+
+
 @pytest.mark.parametrize("size", [0, -2, 1.5, True])
 def test_a_stack_size_below_one_is_refused(size):
     with pytest.raises(ValueError, match=r"--stack-size: must be an integer >= 1"):

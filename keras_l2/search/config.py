@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from keras_l2._checks import OPTIMIZERS, ROUTES, check_l2
+from keras_l2._checks import OPTIMIZERS, ROUTES, check_lambdas
 
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # Each optimizer's default step size: plain SGD at Adam's 1e-3 barely trains the digits MLP in 60 epochs
@@ -65,17 +65,11 @@ def parse_lambdas(text: str) -> tuple:
     values = []
     for part in parts:
         try:
-            value = float(part)
+            values.append(float(part))
         except ValueError:
             raise ValueError(f"--lambdas: {part!r} is not a number (allowed: finite floats >= 0, "
                              f"comma-separated)") from None
-        try:
-            values.append(check_l2(value))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"--lambdas: {part!r}: {error}") from None
-    if len(set(values)) != len(values):
-        raise ValueError(f"--lambdas: repeated values in {text!r}")
-    return tuple(sorted(values))
+    return tuple(sorted(check_lambdas(values, "--lambdas")))
 
 
 def check_config(config: SweepConfig) -> SweepConfig:
@@ -102,5 +96,5 @@ def check_config(config: SweepConfig) -> SweepConfig:
     if isinstance(config.max_delay, bool) or not isinstance(config.max_delay, (int, float)) or not (
             math.isfinite(config.max_delay) and config.max_delay >= 0):
         raise ValueError(f"max_delay: must be a finite number of seconds >= 0. Received: {config.max_delay!r}")
-    config.lambdas = tuple(sorted(check_l2(v) for v in config.lambdas))
+    config.lambdas = tuple(sorted(check_lambdas(config.lambdas, "--lambdas")))
     return config

@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from keras_l2 import backend
-from keras_l2._checks import check_l2
+from keras_l2._checks import check_lambdas
 from keras_l2.inventory import optimizer_chain
 from keras_l2.search.models import build_run, compile_run
 from keras_l2.search.stacked import PREFIX, Member, StackedModel, StackedOptimizer
@@ -55,7 +55,7 @@ def stack_models(build: Callable, lambdas: Sequence, seed: int = 0, *, route: st
         ValueError: no λ, a bad or repeated λ, a build function whose models differ in architecture,
             an optimizer that would couple the members (`global_clipnorm`, loss scaling).
     """
-    lambdas = _check_lambdas(lambdas)
+    lambdas = check_lambdas(lambdas)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: an integer. Received: {seed!r}")
     members, shape = [], None
@@ -111,23 +111,6 @@ def _width(layer) -> int:
         return sum(int(math.prod(t.shape[1:])) for t in keras.tree.flatten(layer.output))
     except (AttributeError, ValueError, TypeError):
         return 0
-
-
-def _check_lambdas(lambdas) -> tuple:
-    values = tuple(lambdas) if not isinstance(lambdas, (int, float, str)) else (lambdas,)
-    if not values:
-        raise ValueError("lambdas: give at least one λ to stack. Received: an empty list")
-    checked = []
-    for value in values:
-        try:
-            checked.append(check_l2(value))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"lambdas: {value!r}: {error}") from None
-    repeated = sorted({v for v in checked if checked.count(v) > 1})
-    if repeated:
-        raise ValueError(f"lambdas: repeated (λ, seed) members {[f'{v:g}' for v in repeated]}: each member "
-                         "is trained once. Received: " + ",".join(f"{v:g}" for v in checked))
-    return tuple(checked)
 
 
 def _check_uncoupled(optimizer) -> None:
