@@ -84,34 +84,12 @@ def _result(l2, seed, logger, history, progress, chosen) -> dict:
     }
 
 
-class _StackProgress(keras.callbacks.Callback):
-    """One line per stack every few epochs: epoch, the best member's validation data loss, ETA."""
-
-    def __init__(self, label, epochs, verbose, lambdas):
-        super().__init__()
-        self.label, self.epochs, self.verbose, self.lambdas = label, epochs, verbose, lambdas
-        self.every = max(1, epochs // 4)
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        done = epoch + 1
-        if self.verbose and (done % self.every == 0 or done == self.epochs):
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / done * (self.epochs - done)
-            losses = [(member_logs(logs, k).get("val_data_loss"), l2) for k, l2 in enumerate(self.lambdas)]
-            best = min(((v, l2) for v, l2 in losses if v is not None), default=None)
-            shown = f"best val_data_loss {best[0]:.4f} (l2={best[1]:g})" if best else ""
-            print(f"{self.label} epoch {done:>4}/{self.epochs}  {shown}  ETA {eta:5.1f}s", flush=True)
-
-
 class _Progress(keras.callbacks.Callback):
     """Prints one line per run every few epochs: epoch, data losses, ETA; records the norms."""
 
-    def __init__(self, label, epochs, verbose):
+    def __init__(self, label, epochs, verbose, record_norms=True):
         super().__init__()
-        self.label, self.epochs, self.verbose = label, epochs, verbose
+        self.label, self.epochs, self.verbose, self.record_norms = label, epochs, verbose, record_norms
         self.norm_history = {}  # layer -> [initial norm, norm after each epoch]
         self.every = max(1, epochs // 4)
 
@@ -120,6 +98,8 @@ class _Progress(keras.callbacks.Callback):
         self._record()
 
     def _record(self):
+        if not self.record_norms:
+            return
         for layer in self.model.layers:
             if isinstance(layer, keras.layers.Dense):
                 value = float(np.linalg.norm(keras.ops.convert_to_numpy(layer.kernel)))
@@ -131,6 +111,21 @@ class _Progress(keras.callbacks.Callback):
         if self.verbose and (done % self.every == 0 or done == self.epochs):
             elapsed = time.perf_counter() - self.start
             eta = elapsed / done * (self.epochs - done)
-            print(f"{self.label} epoch {done:>4}/{self.epochs}  data_loss {logs['data_loss']:.4f}  "
-                  f"val_data_loss {logs['val_data_loss']:.4f}  val_acc {logs['val_accuracy']:.3f}  "
-                  f"ETA {eta:5.1f}s", flush=True)
+            print(f"{self.label} epoch {done:>4}/{self.epochs}  {self._summary(logs)}  ETA {eta:5.1f}s", flush=True)
+
+    def _summary(self, logs) -> str:
+        return (f"data_loss {logs['data_loss']:.4f}  val_data_loss {logs['val_data_loss']:.4f}  "
+                f"val_acc {logs['val_accuracy']:.3f}")
+
+
+class _StackProgress(_Progress):
+    """One line per stack every few epochs: epoch, the best member's validation data loss, ETA."""
+
+    def __init__(self, label, epochs, verbose, lambdas):
+        super().__init__(label, epochs, verbose, record_norms=False)
+        self.lambdas = lambdas
+
+    def _summary(self, logs) -> str:
+        losses = [(member_logs(logs, k).get("val_data_loss"), l2) for k, l2 in enumerate(self.lambdas)]
+        best = min(((v, l2) for v, l2 in losses if v is not None), default=None)
+        return f"best val_data_loss {best[0]:.4f} (l2={best[1]:g})" if best else ""
