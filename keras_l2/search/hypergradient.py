@@ -148,6 +148,8 @@ def hypergradient(model, train_batch, val_batch) -> tuple[float, float]:
     """
     check_tunable(model)
     sync_training_state(model)
+    if not model.optimizer.built:  # before the first step: its state is what `fit` would build
+        model.optimizer.build(model.trainable_variables)
     description, inner = describe(model), inner_optimizer(model)
     (n,), chosen = description.ns, description.chosen_kernel_ids
     variables = list(model.trainable_variables)
