@@ -14,6 +14,7 @@ MODES = ("coupled", "decoupled")
 # of Keras, so that `keras-l2 --help` and its argument errors need no Keras (whose import takes seconds).
 ROUTES = ("regularizer", "loss", "coupled", "decoupled")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+DATASETS = ("digits", "wine")  # scikit-learn's bundled data sets a sweep or tune can train on (`--dataset`)
 
 
 def check_l2(l2: object) -> float:

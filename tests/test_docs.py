@@ -19,10 +19,11 @@ MODULES = [
     "keras_l2.tracking.courier", "keras_l2.tracking.cadence", "keras_l2.tracking.norms", "keras_l2.tracking.values",
     "keras_l2.tracking.settings", "keras_l2.tracking.lifecycle", "keras_l2.tracking.notices",
     "keras_l2.tracking.pending", "keras_l2.tracking.step_hooks",
-    "keras_l2.search", "keras_l2.search.config", "keras_l2.search.data",
+    "keras_l2.search", "keras_l2.search.config", "keras_l2.search.data", "keras_l2.search.datasets",
     "keras_l2.search.models", "keras_l2.search.runner", "keras_l2.search.report", "keras_l2.search.command",
     "keras_l2.search.stacked", "keras_l2.search.stacking", "keras_l2._lazy", "keras_l2.cli", "keras_l2.tracking.resend",
-    "keras_l2.backend.autodiff", "keras_l2.search.hypergradient",
+    "keras_l2.backend.autodiff", "keras_l2.search.hypergradient", "keras_l2.search.tuning",
+    "keras_l2.search.tune_command",
 ]
 
 

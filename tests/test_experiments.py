@@ -94,3 +94,19 @@ def test_stacked_benchmark_rejects_an_unknown_case_and_times_a_tiny_fit_only_rou
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
     assert done.returncode == 0 and "ok True" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.multiprocess  # starts a script (about 4 minutes): make test-multiprocess
+def test_tune_on_the_default_digits_is_as_good_as_a_14_point_grid():
+    # The quality bar for the default case: tune's validation data loss within 2% of the grid's best.
+    # Its cost is a speed, measured by the script against a plain run of the same process and reported in the
+    # README; a timed assertion here would test the machine.
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "tune_quality.py"), "--datasets", "digits",
+                           "--seeds", "0"], cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| digits | 0 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    ratio, cost = float(cells[6]), float(cells[7])
+    assert ratio <= 1.02, row
+    assert 0 < cost < float("inf"), row

@@ -226,6 +226,13 @@ def test_every_sweep_option_says_what_it_does_and_its_default(capsys):
     (["sweep", "--lambdas", "0,abc"], 2, "err", "keras-l2 sweep: error: --lambdas: 'abc' is not a number"),
     (["sweep", "--optimizer", "lbfgs"], 2, "err", "keras-l2 sweep: error: --optimizer: unknown optimizer 'lbfgs'"),
     (["sweep", "--epochs", "x"], 2, "err", "argument --epochs: invalid int value: 'x'"),
+    (["tune", "--help"], 0, "out", "--range"),
+    (["tune", "--range", "10,1"], 2, "err", "keras-l2 tune: error: --range: 10,1 is not a range to search (it is "
+     "empty"),
+    (["tune", "--range=-1,1"], 2, "err", "keras-l2 tune: error: --range: -1,1 is not a range to search"),
+    (["tune", "--range", "1e-3"], 2, "err", "keras-l2 tune: error: --range: two numbers low,high"),
+    (["tune", "--dataset", "iris"], 2, "err", "keras-l2 tune: error: --dataset: unknown data set 'iris'; choose one "
+     "of digits, wine"),
 ])
 def test_help_and_bad_options_answer_without_importing_keras(argv, code, stream, text):
     # Was: `keras-l2 --help` took about 4 s (8.5 s on this machine) and printed TensorFlow's log lines.

@@ -11,6 +11,7 @@ import pytest
 
 from keras_l2 import search as sweep
 from keras_l2.cli import main
+from keras_l2.search.report import best_lines
 from tests.helpers import reset_keras
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,12 +142,44 @@ def _npz(path, **overrides):
         ({"y_train": np.eye(3)[np.arange(20) % 3], "y_val": np.eye(4)[np.arange(8) % 4]}, "3 classes but y_val has 4"),
         ({"y_train": np.full((20, 3), 0.5), "y_val": np.eye(3)[np.arange(8) % 3]}, "not one-hot"),
         ({"y_val": np.eye(3)[np.arange(8) % 3]}, "both be 1-D class ids or both 2-D"),
+        ({"x_test": np.ones((5, 4))}, "holds x_test without y_test; a test split needs both"),
+        ({"x_test": np.ones((5, 3)), "y_test": np.arange(5) % 3}, "x_train has 4 features but x_test has 3"),
+        ({"x_test": np.ones((5, 4)), "y_test": np.arange(4) % 3}, "x_test has 5 examples but y_test has 4"),
+        ({"x_test": np.ones((5, 4)), "y_test": np.eye(3)[np.arange(5) % 3]}, "y_val and y_test must both be 1-D"),
     ],
 )
 def test_cli_refuses_bad_npz(capsys, tmp_path, monkeypatch, overrides, message):
     monkeypatch.chdir(tmp_path)
     assert message in _cli_error(capsys, "--data", _npz(tmp_path / "data.npz", **overrides))
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_test_split_is_read_with_the_same_classes_and_reported_not_chosen_on(tmp_path):
+    names = np.array(["cat", "dog", "emu"])
+    data = sweep.load_npz(_npz(tmp_path / "data.npz", y_train=names[np.arange(20) % 3], y_val=names[np.arange(8) % 3],
+                               x_test=np.ones((6, 4)), y_test=names[[2, 2, 0, 1, 0, 2]]))
+    assert data.class_names == ("cat", "dog", "emu")
+    assert data.y_test.argmax(axis=1).tolist() == [2, 2, 0, 1, 0, 2] and data.x_test.dtype == np.float32
+    assert data.name == "data.npz (train 20, val 8, test 6)"
+
+
+@pytest.mark.parametrize(("name", "sizes"), [("digits", (200, 798, 799)), ("wine", (60, 59, 59))])
+def test_the_bundled_data_sets_split_three_ways_stratified(name, sizes):
+    data = sweep.bundled(name)
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == sizes
+    for split in (data.y_train, data.y_val, data.y_test):  # every class in every split
+        assert split.sum(axis=0).min() > 0
+    if name == "wine":  # standardized on the training split only
+        np.testing.assert_allclose(data.x_train.mean(axis=0), 0, atol=1e-5)
+        np.testing.assert_allclose(data.x_train.std(axis=0), 1, rtol=1e-4)
+        assert abs(data.x_val.mean()) > 1e-3
+
+
+def test_the_best_lambdas_test_data_loss_is_reported():
+    # Computed by hand from the reported per-lambda means: the line names the chosen lambda's test loss.
+    summary = {"best": {"l2": 0.1, "val_data_loss": 0.2, "test_data_loss": 0.25}, "verdict": {
+        "tied_with_zero": False, "tied_with": [], "edge": None}, "by_lambda": {}}
+    assert "Its test data loss: 0.2500 (the test split was not used to choose)." in best_lines(summary, 1)[1]
 
 
 def test_cli_refuses_a_file_that_is_not_npz(capsys, tmp_path):

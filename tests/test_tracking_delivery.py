@@ -82,7 +82,7 @@ def test_a_healthy_store_keeps_up_with_mlflows_own_client(kind, server, tmp_path
 @pytest.mark.multiprocess  # starts an mlflow server (or a script): make test-multiprocess
 def test_train_end_waits_under_half_a_second_at_every_step_on_a_healthy_server(server, tmp_path):
     # Was: 3 s, with 3,014 records spooled and the run left RUNNING.
-    from keras_l2.search.data import all_digits
+    from keras_l2.search.datasets import all_digits
     from keras_l2.search.models import build_model
 
     x, y = all_digits()

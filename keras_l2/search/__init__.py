@@ -1,4 +1,4 @@
-"""λ sweeps of any Keras classifier: one run per λ (and seed), tracked in MLflow, with a table and plots.
+"""λ sweeps and λ tuning of any Keras classifier, tracked in MLflow: `run_sweep` (a table and plots), `run_tune`.
 
 By default the λs of a seed train together, in one compiled model, each
 member exactly as its separate run (`stacked`); `stacked=False` trains the
@@ -12,11 +12,13 @@ Without `model` it trains the built-in MLP, without `data` the digits (or
 `config.data`, an .npz). `keras-l2 sweep` is its command line
 (`keras_l2.search.command`).
 
-Modules: `config` (`SweepConfig` and its checks), `data` (the digits, .npz,
-arrays, `tf.data`, and n), `models` (the built-in MLP, model functions and
+Modules: `config` (`SweepConfig` and its checks), `data` (.npz, arrays,
+`tf.data`, and n), `datasets` (the bundled digits and wine), `models` (the built-in MLP, model functions and
 their checks), `stacked` (members trained together), `stacking` (building a
 stack), `training` (one run, one stack), `runner` (the sweep and its parent run),
-`report` (the table and plots), `command` (the command line). Names are
+`report` (the table and plots), `command` (the command line), and for
+`keras-l2 tune`: `hypergradient` (dL_val/dλ through one update), `tuning`
+(the two stages) and `tune_command` (its command line). Names are
 imported on first use (PEP 562): the command line parses its options with
 `config` and `command` only, which import no Keras.
 
@@ -37,9 +39,11 @@ _EXPORTS = {
     "parse_lambdas": "keras_l2.search.config",
     "DatasetData": "keras_l2.search.data",
     "SweepData": "keras_l2.search.data",
-    "all_digits": "keras_l2.search.data",
+    "all_digits": "keras_l2.search.datasets",
+    "bundled": "keras_l2.search.datasets",
+    "wine": "keras_l2.search.datasets",
     "as_sweep_data": "keras_l2.search.data",
-    "digits": "keras_l2.search.data",
+    "digits": "keras_l2.search.datasets",
     "load_npz": "keras_l2.search.data",
     "build_model": "keras_l2.search.models",
     "check_model": "keras_l2.search.models",
@@ -54,6 +58,9 @@ _EXPORTS = {
     "PreparedSweep": "keras_l2.search.runner",
     "prepare_sweep": "keras_l2.search.runner",
     "run_sweep": "keras_l2.search.runner",
+    "TuneConfig": "keras_l2.search.config",
+    "prepare_tune": "keras_l2.search.tuning",
+    "run_tune": "keras_l2.search.tuning",
 }
 
 __all__ = sorted(_EXPORTS)

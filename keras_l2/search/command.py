@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from keras_l2._checks import OPTIMIZERS, ROUTES
+from keras_l2._checks import DATASETS, OPTIMIZERS, ROUTES
 from keras_l2.search.config import DEFAULT_LEARNING_RATES, RESULTS_DIR, SweepConfig, check_config, parse_lambdas
 
 DESCRIPTION = ("Trains the same network once per lambda (and seed), every run from the same initial weights and "
@@ -28,6 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = SweepConfig()
     p.add_argument("--lambdas", default=",".join(f"{v:g}" for v in defaults.lambdas),
                    help="comma-separated lambdas, each a finite float >= 0 (default: %(default)s)")
+    add_shared_arguments(p, defaults)
+    p.add_argument("--seeds", type=int, default=defaults.seeds,
+                   help="repeat every lambda with this many seeds; with 2 or more the report compares lambdas "
+                        "against the seeds' spread (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="parallel training processes on this machine (default: %(default)s)")
+    p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=defaults.stacked,
+                   help="train every lambda of a seed together in one compiled model, each member exactly as "
+                        "its separate run (--no-stacked: one run after another; default: %(default)s)")
+    p.add_argument("--stack-size", type=int, default=None,
+                   help="members per stack (default: as many as a quarter of the free memory holds)")
+    p.add_argument("--results-dir", default=defaults.results_dir,
+                   help=f"where the plots go (default: {RESULTS_DIR}/<parent run id>)")
+
+
+def add_shared_arguments(p: argparse.ArgumentParser, defaults: SweepConfig) -> None:
+    """The options `sweep` and `tune` share: data, model, route, layers, optimizer, training and tracking."""
     p.add_argument("--route", default=defaults.route, help=f"one of {', '.join(ROUTES)} (default: %(default)s)")
     p.add_argument("--optimizer", default=defaults.optimizer,
                    help=f"one of {', '.join(OPTIMIZERS)} (default: %(default)s)")
@@ -44,28 +61,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hidden widths of the built-in MLP (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=defaults.seeds,
-                   help="repeat every lambda with this many seeds; with 2 or more the report compares lambdas "
-                        "against the seeds' spread (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=defaults.workers,
-                   help="parallel training processes on this machine (default: %(default)s)")
-    p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=defaults.stacked,
-                   help="train every lambda of a seed together in one compiled model, each member exactly as "
-                        "its separate run (--no-stacked: one run after another; default: %(default)s)")
-    p.add_argument("--stack-size", type=int, default=None,
-                   help="members per stack (default: as many as a quarter of the free memory holds)")
-    p.add_argument("--train-size", type=int, default=defaults.train_size,
-                   help="training examples taken from the digits (default: %(default)s; the rest validates)")
+    p.add_argument("--dataset", default=defaults.dataset,
+                   help=f"a bundled data set: {', '.join(DATASETS)} (default: %(default)s)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training examples taken from the bundled data set (default: digits 200, wine 60); the "
+                        "rest splits in halves into validation (lambda is chosen there) and test (only reported)")
     p.add_argument("--data", default=None,
-                   help="an .npz with x_train, y_train, x_val, y_val instead of the digits (labels: class ids, "
-                        "strings or one-hot rows)")
+                   help="an .npz with x_train, y_train, x_val, y_val and optionally x_test, y_test instead of a "
+                        "bundled data set (labels: class ids, strings or one-hot rows)")
     p.add_argument("--allow-unseen-classes", action="store_true",
                    help="accept validation classes that the training split lacks (refused by default)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: MLFLOW_TRACKING_URI, else the embedded mlruns/mlflow.db)")
     p.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment (default: %(default)s)")
-    p.add_argument("--results-dir", default=defaults.results_dir,
-                   help=f"where the plots go (default: {RESULTS_DIR}/<parent run id>)")
     p.add_argument("--quiet", action="store_true", help="no progress output; the results still print")
     p.add_argument("--json", action="store_true",
                    help="print only the results, as one JSON object on stdout (no progress output)")
@@ -80,14 +88,18 @@ def parser(prog: str = "keras-l2 sweep") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The `SweepConfig` of parsed options; raises ValueError for malformed lambdas or widths."""
     return SweepConfig(
-        lambdas=parse_lambdas(args.lambdas), route=args.route, optimizer=args.optimizer,
-        learning_rate=args.learning_rate, layers=args.layers, hidden=_widths(args.hidden), epochs=args.epochs,
-        batch_size=args.batch_size, seeds=args.seeds, workers=args.workers, train_size=args.train_size,
-        stacked=args.stacked, stack_size=args.stack_size,
-        data=args.data, model=args.model, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        results_dir=args.results_dir, allow_unseen_classes=args.allow_unseen_classes,
-        verbose=0 if args.quiet or args.json else 1,
-    )
+        lambdas=parse_lambdas(args.lambdas), seeds=args.seeds, workers=args.workers, stacked=args.stacked,
+        stack_size=args.stack_size, results_dir=args.results_dir, **shared_options(args))
+
+
+def shared_options(args: argparse.Namespace) -> dict:
+    """The values of `add_shared_arguments`' options, as config fields."""
+    return dict(
+        route=args.route, optimizer=args.optimizer, learning_rate=args.learning_rate, layers=args.layers,
+        hidden=_widths(args.hidden), epochs=args.epochs, batch_size=args.batch_size, train_size=args.train_size,
+        dataset=args.dataset, data=args.data, model=args.model, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, allow_unseen_classes=args.allow_unseen_classes,
+        verbose=0 if args.quiet or args.json else 1)
 
 
 def checked_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> SweepConfig:

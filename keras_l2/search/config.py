@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from keras_l2._checks import OPTIMIZERS, ROUTES, check_lambdas
+from keras_l2._checks import DATASETS, OPTIMIZERS, ROUTES, check_lambdas
 
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # Each optimizer's default step size: plain SGD at Adam's 1e-3 barely trains the digits MLP in 60 epochs
@@ -29,7 +29,7 @@ class SweepConfig:
     `model` ("module:function") and `data` (an .npz path) name the user's model
     and data for the command line; `run_sweep(config, model=..., data=...)`
     takes a function and arrays or datasets directly. `hidden` and
-    `train_size` apply to the built-in MLP and the digits only.
+    `train_size` apply to the built-in MLP and the bundled data sets only.
     """
 
     lambdas: tuple = DEFAULT_LAMBDAS
@@ -45,8 +45,9 @@ class SweepConfig:
     workers: int = 1
     stacked: bool = True  # every lambda of a seed trained together, in one compiled model (see search.stacked)
     stack_size: int | None = None  # members per stack; None: as many as the free memory allows
-    train_size: int = 200
-    data: str | None = None  # an .npz; None: scikit-learn's digits
+    train_size: int | None = None  # bundled data set examples to train on; None: its default (digits 200, wine 60)
+    dataset: str = "digits"  # which bundled data set (DATASETS), without `data`
+    data: str | None = None  # an .npz; None: the bundled `dataset`
     model: str | None = None  # "module:function" building the model; None: the built-in MLP
     tracking_uri: str | None = None
     experiment: str = "keras_l2-sweep"
@@ -77,8 +78,12 @@ def check_config(config: SweepConfig) -> SweepConfig:
         raise ValueError(f"--route: unknown route {config.route!r}; choose one of {', '.join(ROUTES)}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer: unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"--dataset: unknown data set {config.dataset!r}; choose one of {', '.join(DATASETS)}")
     for name in ("epochs", "seeds", "workers", "batch_size", "train_size"):
         value = getattr(config, name)
+        if name == "train_size" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= 1. Received: {value!r}")
     if not isinstance(config.stacked, bool):
@@ -98,3 +103,46 @@ def check_config(config: SweepConfig) -> SweepConfig:
         raise ValueError(f"max_delay: must be a finite number of seconds >= 0. Received: {config.max_delay!r}")
     config.lambdas = tuple(sorted(check_lambdas(config.lambdas, "--lambdas")))
     return config
+
+
+@dataclasses.dataclass
+class TuneConfig(SweepConfig):
+    """A sweep's options (data, model, route, layers, optimizer, epochs, tracking) and the range λ is sought in.
+
+    `lambdas`, `seeds`, `workers`, `stacked` and `stack_size` are the tuner's
+    own: it sets them.
+    """
+
+    lambda_range: tuple = (1e-4, 1e2)
+    seed: int = 0
+    experiment: str = "keras_l2-tune"
+    log_every_n_steps: int | None = None  # stage 1's run also logs per step (its λ included); None: per epoch
+
+
+def check_range(lambda_range) -> tuple:
+    """`(low, high)`: two finite floats with 0 < low < high, else a ValueError naming the value."""
+    try:
+        low, high = (float(v) for v in lambda_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"--range: two numbers low,high with 0 < low < high. Received: {lambda_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or high <= low:
+        why = "it is empty" if high <= low else "lambda must be > 0 on a log scale"
+        raise ValueError(f"--range: {low:g},{high:g} is not a range to search ({why}; allowed: finite numbers "
+                         f"0 < low < high, e.g. 1e-4,1e2)")
+    return low, high
+
+
+def check_tune_config(config: TuneConfig) -> TuneConfig:
+    """Checks a tune's options (its range and seed, then the sweep's) and sets what the tuner decides itself."""
+    if not isinstance(config, TuneConfig):
+        raise ValueError(f"tune: expected a TuneConfig. Received: {type(config).__name__}")
+    config.lambda_range = check_range(config.lambda_range)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"--seed: an integer >= 0. Received: {config.seed!r}")
+    steps = config.log_every_n_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"--log-every-n-steps: an integer >= 1. Received: {steps!r}")
+    # The tuner chooses its lambdas as it goes; this one (its start) stands for them in the sweep's checks.
+    middle = float(f"{math.sqrt(config.lambda_range[0] * config.lambda_range[1]):.6g}")
+    config.lambdas, config.seeds, config.workers, config.stacked = (middle,), 1, 1, True
+    return check_config(config)

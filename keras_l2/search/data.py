@@ -1,4 +1,4 @@
-"""The data of a sweep: the bundled digits, an .npz file, the user's arrays or `tf.data` datasets.
+"""The data of a sweep: an .npz file, the user's arrays or `tf.data` datasets (the bundled ones: `datasets`).
 
 Everything is checked before any run is created. `n` (the λ/n of the penalty)
 is always the number of training examples:
@@ -28,12 +28,17 @@ from pathlib import Path
 import numpy as np
 
 ARRAY_KEYS = ("x_train", "y_train", "x_val", "y_val")
+TEST_KEYS = ("x_test", "y_test")  # optional: a held-out split, never used to choose lambda
 _INFINITE = -1  # tf.data.INFINITE_CARDINALITY (UNKNOWN_CARDINALITY is -2)
 
 
 @dataclasses.dataclass
 class SweepData:
-    """A classification data set: features and one-hot labels, train and validation."""
+    """A classification data set: features and one-hot labels, train and validation, and optionally test.
+
+    Lambda is chosen on the validation split; the test split (when given)
+    only reports the chosen lambda's data loss on examples no choice saw.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -41,6 +46,8 @@ class SweepData:
     y_val: np.ndarray
     name: str
     class_names: tuple | None = None  # the labels of the classes, in column order, when given as strings
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
 
     @property
     def classes(self) -> int:
@@ -74,6 +81,7 @@ class DatasetData:
     classes: int
     name: str
     batches: int = 0  # batches per epoch of the train dataset
+    x_test = y_test = None  # datasets bring no test split
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.batches
@@ -83,33 +91,9 @@ class DatasetData:
         return {"x": self.train, "validation_data": self.val, "shuffle": False}  # Keras cannot shuffle a dataset
 
 
-# ------------------------------------------------------------ the digits
-def all_digits() -> tuple[np.ndarray, np.ndarray]:
-    """All 1797 of scikit-learn's digits: pixels scaled to [0, 1] and one-hot labels, float32."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return (bunch.data / 16.0).astype("float32"), np.eye(10, dtype="float32")[bunch.target]
-
-
-def digits(train_size: int = 200, seed: int = 0) -> SweepData:
-    """scikit-learn's bundled handwritten digits (8x8, 10 classes, 1797 images).
-
-    A small training set (`train_size` images, stratified) and the rest as
-    validation: small enough that a wide network overfits without L2.
-    """
-    from sklearn.model_selection import train_test_split
-
-    x, y = all_digits()
-    x_train, x_val, y_train, y_val = train_test_split(
-        x, y, train_size=train_size, stratify=y.argmax(axis=1), random_state=seed
-    )
-    return SweepData(x_train, y_train, x_val, y_val, name=f"digits (train {len(x_train)}, val {len(x_val)})")
-
-
 # ---------------------------------------------------------------- arrays
 def load_npz(path) -> SweepData:
-    """Reads `x_train, y_train, x_val, y_val` from an .npz, with clear errors.
+    """Reads `x_train, y_train, x_val, y_val` (and optionally `x_test, y_test`) from an .npz, with clear errors.
 
     Labels may be integer class ids or strings (1-D), or one-hot rows (2-D).
     """
@@ -124,16 +108,26 @@ def load_npz(path) -> SweepData:
     if missing:
         raise ValueError(f"--data: {path.name} lacks {missing}; it must hold {list(ARRAY_KEYS)} "
                          f"(found {sorted(archive.files)})")
-    return check_arrays([archive[key] for key in ARRAY_KEYS], path.name, "--data")
+    present = [key for key in TEST_KEYS if key in archive.files]
+    if len(present) == 1:
+        raise ValueError(f"--data: {path.name} holds {present[0]} without "
+                         f"{(set(TEST_KEYS) - set(present)).pop()}; a test split needs both")
+    keys = ARRAY_KEYS + (TEST_KEYS if present else ())
+    return check_arrays([archive[key] for key in keys], path.name, "--data")
 
 
 def check_arrays(arrays, name: str, source: str = "data") -> SweepData:
-    """Checks `(x_train, y_train, x_val, y_val)` and returns them as float32 `SweepData` with one-hot labels.
+    """Checks `(x_train, y_train, x_val, y_val[, x_test, y_test])`; returns them as float32 `SweepData`, one-hot.
 
     `source` starts every error message (the option or argument the arrays came from).
     """
-    arrays = dict(zip(ARRAY_KEYS, (np.asarray(a) for a in arrays), strict=True))
-    for split in ("train", "val"):
+    arrays = [np.asarray(a) for a in arrays]
+    if len(arrays) not in (4, 6):
+        raise ValueError(f"{source}: expected {', '.join(ARRAY_KEYS)} and optionally {', '.join(TEST_KEYS)}; "
+                         f"received {len(arrays)} arrays")
+    arrays = dict(zip(ARRAY_KEYS + TEST_KEYS[:len(arrays) - 4], arrays, strict=True))
+    splits = ("train", "val", "test")[:len(arrays) // 2]
+    for split in splits:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
             raise ValueError(f"{source}: x_{split} must be a 2-D numeric array (examples, features); "
@@ -145,13 +139,21 @@ def check_arrays(arrays, name: str, source: str = "data") -> SweepData:
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{source}: x_{split} holds NaN or infinite values "
                              f"({int(np.sum(~np.isfinite(x)))} of them)")
-    if arrays["x_train"].shape[1] != arrays["x_val"].shape[1]:
-        raise ValueError(f"{source}: x_train has {arrays['x_train'].shape[1]} features but x_val has "
-                         f"{arrays['x_val'].shape[1]}")
-    y_train, y_val, class_names = _labels(arrays["y_train"], arrays["y_val"], source)
-    y_train, y_val = _one_hot(y_train, y_val, source)
-    return SweepData(arrays["x_train"].astype("float32"), y_train, arrays["x_val"].astype("float32"), y_val,
-                     name=f"{name} (train {len(y_train)}, val {len(y_val)})", class_names=class_names)
+        if x.shape[1] != arrays["x_train"].shape[1]:
+            raise ValueError(f"{source}: x_train has {arrays['x_train'].shape[1]} features but x_{split} has "
+                             f"{x.shape[1]}")
+    held_out = [arrays[f"y_{split}"] for split in splits[1:]]
+    if len(held_out) == 2 and held_out[0].ndim != held_out[1].ndim:
+        raise ValueError(f"{source}: y_val and y_test must both be 1-D class ids or both 2-D one-hot; got "
+                         f"{held_out[0].ndim}-D and {held_out[1].ndim}-D")
+    # Validation and test labels are read as one (the same classes, the same encoding), then split again.
+    y_train, y_held, class_names = _labels(arrays["y_train"], np.concatenate(held_out), source)
+    y_train, y_held = _one_hot(y_train, y_held, source)
+    x = {split: arrays[f"x_{split}"].astype("float32") for split in splits}
+    y_val, y_test = y_held[:len(x["val"])], (y_held[len(x["val"]):] if "test" in x else None)
+    sizes = ", ".join(f"{split} {len(x[split])}" for split in splits)
+    return SweepData(x["train"], y_train, x["val"], y_val, name=f"{name} ({sizes})", class_names=class_names,
+                     x_test=x.get("test"), y_test=y_test)
 
 
 def _labels(y_train, y_val, source):
@@ -244,13 +246,15 @@ def check_datasets(train, val) -> DatasetData:
 
 
 def as_sweep_data(data) -> SweepData | DatasetData:
-    """The user's data, checked: `SweepData`, `(x_train, y_train, x_val, y_val)` arrays or `(train, val)` datasets."""
+    """The user's data, checked: `SweepData`, `(x_train, y_train, x_val, y_val[, x_test, y_test])` arrays or
+    `(train, val)` datasets."""
     if isinstance(data, (SweepData, DatasetData)):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(_is_dataset(d) for d in data):
         return check_datasets(*data)
-    if isinstance(data, (tuple, list)) and len(data) == 4 and not any(_is_dataset(d) for d in data):
+    if isinstance(data, (tuple, list)) and len(data) in (4, 6) and not any(_is_dataset(d) for d in data):
         return check_arrays(data, "arrays")
-    raise ValueError("data: expected (x_train, y_train, x_val, y_val) arrays or (train, val) batched tf.data "
+    raise ValueError("data: expected (x_train, y_train, x_val, y_val[, x_test, y_test]) arrays or (train, val) "
+                     "batched tf.data "
                      f"datasets. Received: {type(data).__name__}"
                      + (f" of {len(data)} items" if isinstance(data, (tuple, list)) else ""))

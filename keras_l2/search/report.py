@@ -42,6 +42,9 @@ def summarize(config: SweepConfig, results: list) -> dict:
             "penalty_share": [r["history"]["l2_penalty"][-1] / (r["history"]["data_loss"][-1]
                                                                  + r["history"]["l2_penalty"][-1]) for r in runs],
         }
+        tests = [r.get("test_data_loss") for r in runs]
+        if all(t is not None for t in tests):
+            final["test_data_loss"] = tests
         entry = {"l2": l2, **{k: float(np.mean(v)) for k, v in final.items()},
                  **{f"{k}_std": float(np.std(v)) for k, v in final.items()},
                  "norms": {layer: float(np.mean([r["norms"][layer] for r in runs])) for layer in runs[0]["norms"]}}
@@ -103,6 +106,8 @@ def best_lines(summary: dict, seeds: int) -> list:
     versus = (f" ({best['val_data_loss']:.4f} against {zero['val_data_loss']:.4f} at lambda 0)"
               if zero and best["l2"] != 0.0 else "")
     lines = [f"Best lambda on validation data loss: {best['l2']:g}{versus}."]
+    if "test_data_loss" in best:
+        lines.append(f"  Its test data loss: {best['test_data_loss']:.4f} (the test split was not used to choose).")
     noise = "the seeds' spread" if seeds > 1 else f"{TIE_TOLERANCE:.0%} (one seed; more seeds measure the spread)"
     if verdict["tied_with_zero"]:
         lines.append(f"  Not distinguishable from lambda 0: the difference is within {noise}.")
@@ -222,6 +227,7 @@ def as_json(result: dict) -> dict:
     return {
         "parent_run_id": result["parent_run_id"],
         "best_lambda": result["best"]["l2"], "best_val_data_loss": result["best"]["val_data_loss"],
+        "test_data_loss": result["best"].get("test_data_loss"),
         "verdict": result["verdict"], "notes": result["notes"],
         "by_lambda": [dict(entry) for entry in result["by_lambda"].values()],
         "plots": [str(path) for path in result["plots"]],

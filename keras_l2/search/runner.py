@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from keras_l2.search.config import RESULTS_DIR, SweepConfig, check_config
-from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, digits, load_npz
+from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, load_npz
+from keras_l2.search.datasets import bundled
 from keras_l2.search.models import check_model, load_model_spec, mlp_function
 from keras_l2.search.report import best_lines, draw_plots, summarize, training_notes
 from keras_l2.search.stacking import default_stack_size
@@ -60,10 +61,10 @@ def run_sweep(config: SweepConfig | None = None, model: Callable | None = None, 
         config: the options (`SweepConfig()` by default).
         model: a function building the model (see `keras_l2.search.models`);
             None: `config.model` ("module:function"), else the built-in MLP.
-        data: `(x_train, y_train, x_val, y_val)` NumPy arrays (labels as class
-            ids or one-hot rows), or `(train, val)` batched `tf.data` datasets
+        data: `(x_train, y_train, x_val, y_val[, x_test, y_test])` NumPy arrays
+            (labels as class ids or one-hot rows), or `(train, val)` batched `tf.data` datasets
             of `(x, one-hot y)` (see `keras_l2.search.data` for n);
-            None: `config.data` (an .npz), else the digits.
+            None: `config.data` (an .npz), else `config.dataset` (the digits).
         callbacks: Keras callbacks added to every run's `fit` (after the
             logger); with `workers > 1`, each worker gets a copy. In a stack
             each is called for every member, at epoch level, with that member
@@ -132,11 +133,13 @@ class PreparedSweep:
             results = _run_jobs(plan, jobs, started)
             summary = summarize(config, results)
             plots = draw_plots(config, results, summary, results_dir(config, parent_id))
-            outbox.log(parent, metrics={"best_lambda": summary["best"]["l2"],
-                                        "best_val_data_loss": summary["best"]["val_data_loss"]})
+            metrics = {"best_lambda": summary["best"]["l2"], "best_val_data_loss": summary["best"]["val_data_loss"]}
+            if "test_data_loss" in summary["best"]:
+                metrics["test_data_loss"] = summary["best"]["test_data_loss"]
+            outbox.log(parent, metrics=metrics)
             status = "FINISHED"
         finally:
-            delivered = _end_parent(outbox, parent, plots, status, config.max_delay)
+            delivered = end_parent(outbox, parent, plots, status, config.max_delay)
         steps = config.epochs * data.steps_per_epoch(config.batch_size)
         summary["notes"] = training_notes(config, summary, data.classes, data.n, steps)
         experiment = _experiment_of(store, parent_id) if delivered else None  # a store that answered just now
@@ -170,7 +173,7 @@ def _resolve_data(config: SweepConfig, data) -> SweepData | DatasetData:
     if data is not None:
         data = as_sweep_data(data)
     else:
-        data = load_npz(config.data) if config.data else digits(config.train_size)
+        data = load_npz(config.data) if config.data else bundled(config.dataset, config.train_size)
     if isinstance(data, SweepData):  # a tf.data dataset is not read twice to check it
         check_classes(data, config.allow_unseen_classes)
     return data
@@ -217,7 +220,7 @@ def _check_reachable(store) -> None:
                              "start it, or pass another tracking URI. No run was created.") from None
 
 
-def _end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> bool:
+def end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> bool:
     """Attaches the plots and ends the parent run through the outbox: at most `max_delay` s of waiting.
 
     Returns whether all was delivered; what was not is spooled, plots by their path in `results_dir`, and sent

@@ -27,6 +27,7 @@ class RunPlan:
     parent_run_id: str
     store_uri: str
     callbacks: tuple = ()
+    tags: tuple = ()  # (key, value) pairs added to every run's tags (a tune's stage)
 
 
 def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
@@ -41,14 +42,19 @@ def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
     keras.utils.set_random_seed(1000 + seed)
     history = model.fit(**data.fit_args(config.batch_size), epochs=config.epochs, verbose=0,
                         callbacks=[logger, progress, *plan.callbacks]).history
-    return _result(l2, seed, logger, history, progress, chosen)
+    return _result(l2, seed, logger, history, progress, chosen, test_data_loss(model, data))
 
 
-def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "") -> list:
+def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "", measure=None,
+                validation_freq: int = 1) -> list:
     """Trains one stack: every lambda in `lambdas` with `seed`, together (see `keras_l2.search.stacked`).
 
     Returns one result per lambda, each what `train_one` returns for it: every
     member logs to its own child run, exactly as its separate run would.
+    `measure(model) -> dict`, if given, is called on each trained member's
+    model and its items join that member's result (the tuner's hypergradient).
+    `validation_freq`: validate every that many epochs (Keras' option; the
+    tuner, which chooses on the last epoch's, makes it divide the epochs).
     """
     config, data = plan.config, plan.data
     stack = stack_models(plan.build, lambdas, seed, route=config.route, n=data.n, layers=config.layers,
@@ -58,27 +64,41 @@ def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "") ->
     label = f"{position} stack of {len(lambdas)}: l2={','.join(f'{v:g}' for v in lambdas)} seed={seed}"
     keras.utils.set_random_seed(1000 + seed)  # the data order of every separate run of this seed
     history = stack.fit(**data.fit_args(config.batch_size), epochs=config.epochs, verbose=0,
+                        validation_freq=validation_freq,
                         callbacks=[_StackProgress(label, config.epochs, config.verbose, lambdas)],
                         member_callbacks=[[logger, progress, *plan.callbacks]
                                           for logger, progress in zip(loggers, progresses, strict=True)]).history
     chosen = [choose_layers(member.model, config.layers) for member in stack.members]
-    members = zip(lambdas, loggers, progresses, chosen, strict=True)
-    return [_result(l2, seed, logger, member_logs(history, index), progress, layers)
-            for index, (l2, logger, progress, layers) in enumerate(members)]
+    members = zip(lambdas, loggers, progresses, chosen, stack.members, strict=True)
+    return [{**_result(l2, seed, logger, member_logs(history, index), progress, layers,
+                       test_data_loss(member.model, data)), **(measure(member.model) if measure else {})}
+            for index, (l2, logger, progress, layers, member) in enumerate(members)]
+
+
+def test_data_loss(model, data) -> float | None:
+    """The trained model's mean cross-entropy on the test split (None without one): reported, never chosen on."""
+    if getattr(data, "x_test", None) is None:
+        return None
+    # Called directly, not through `predict`: a stack's members would each trace a predict function.
+    probabilities = np.concatenate([np.asarray(keras.ops.convert_to_numpy(model(data.x_test[i:i + 512])), "float64")
+                                    for i in range(0, len(data.x_test), 512)])
+    probabilities = np.clip(probabilities / probabilities.sum(axis=1, keepdims=True), 1e-7, 1 - 1e-7)
+    return float(-(data.y_test * np.log(probabilities)).sum(axis=1).mean())
 
 
 def _logger(plan: RunPlan, l2: float, seed: int) -> MlflowL2Logger:
     config = plan.config
     return MlflowL2Logger(
         tracking_uri=plan.store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
-        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route},
+        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route, **dict(plan.tags)},
         max_delay=config.max_delay, spool_dir=config.spool_dir, verbose=0,
+        log_every_n_steps=getattr(config, "log_every_n_steps", None),  # a tune's first stage only
     )
 
 
-def _result(l2, seed, logger, history, progress, chosen) -> dict:
+def _result(l2, seed, logger, history, progress, chosen, test_loss) -> dict:
     return {
-        "l2": l2, "seed": seed, "run_id": logger.run_id, "history": history,
+        "l2": l2, "seed": seed, "run_id": logger.run_id, "history": history, "test_data_loss": test_loss,
         "norms": {layer: trajectory[-1] for layer, trajectory in progress.norm_history.items()},
         "chosen": [layer.name for layer in chosen], "norm_history": progress.norm_history,
     }
