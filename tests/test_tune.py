@@ -130,14 +130,14 @@ def test_bad_input_is_refused_before_any_run(tmp_path, overrides, arrays, messag
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_tf_data_is_refused_by_tune():
+def test_tf_data_is_refused_by_tune(tmp_path):
     import tensorflow as tf
 
     x, y = data(examples=30)
     dataset = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y.astype("float32"))).batch(10)
     with pytest.raises(ValueError, match="tune needs NumPy arrays"):
         prepare_tune(TuneConfig(hidden=(8,), layers=None, epochs=1, verbose=0,
-                                tracking_uri="sqlite:///:memory:"), data=(dataset, dataset))
+                                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), data=(dataset, dataset))
 
 
 # ------------------------------------------------------------------ a whole tune, tracked
