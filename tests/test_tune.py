@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import keras
@@ -185,3 +186,19 @@ def test_a_tune_logs_its_stages_children_and_answer(tmp_path, capsys):
     assert client.get_metric_history(first.info.run_id, "step/lambda")  # per step too, with log_every_n_steps
     assert all("val_data_loss" in k.data.metrics for k in kids)
     assert result["cost_in_runs"] > 0 and "cost_in_runs" in result["report"]
+
+
+@pytest.mark.mlflow
+def test_the_command_line_tunes_a_users_npz_and_prints_json(tmp_path, capsys):
+    from keras_l2.cli import main
+
+    x, y = data(examples=40, inputs=5, seed=0)
+    x_val, y_val = data(examples=20, inputs=5, seed=1)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y.argmax(1), x_val=x_val, y_val=y_val.argmax(1),
+             x_test=x_val[:10], y_test=y_val[:10].argmax(1))
+    assert main(["tune", "--data", str(tmp_path / "d.npz"), "--hidden", "8", "--layers", "", "--epochs", "2",
+                 "--range", "1e-2,1", "--json", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["confirmation"]) == {f"{v}" for v in confirmation(result["lambda_estimate"], (1e-2, 1.0))}
+    assert result["confirmation"][str(result["best_lambda"])] == result["best_val_data_loss"]
+    assert result["test_data_loss"] > 0 and result["cost_in_runs"] > 0 and len(result["trajectory"]) == 2

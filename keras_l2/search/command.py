@@ -104,10 +104,24 @@ def shared_options(args: argparse.Namespace) -> dict:
 
 def checked_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> SweepConfig:
     """The options as a checked `SweepConfig`; a bad one exits with status 2 and one line. Needs no Keras."""
+    return exit_on_error(p, lambda: check_config(config_from_args(args)))
+
+
+def exit_on_error(p: argparse.ArgumentParser, make):
+    """`make()`, or exit with status 2 and one line naming the bad value (its ValueError's message)."""
     try:
-        return check_config(config_from_args(args))
+        return make()
     except ValueError as error:
         p.exit(2, f"{p.prog}: error: {error}\n")
+
+
+def print_result(args: argparse.Namespace, result: dict, as_json) -> int:
+    """What `--json` and `--quiet` print at the end (otherwise the progress output has shown the report)."""
+    if args.json:
+        print(json.dumps(as_json(result)))
+    elif args.quiet:
+        print(result["report"])
+    return 0
 
 
 def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
@@ -117,16 +131,8 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from keras_l2.search.report import as_json
     from keras_l2.search.runner import prepare_sweep
 
-    try:
-        prepared = prepare_sweep(config)
-    except ValueError as error:
-        p.exit(2, f"{p.prog}: error: {error}\n")
-    result = prepared.run()
-    if args.json:
-        print(json.dumps(as_json(result)))
-    elif args.quiet:
-        print(result["report"])
-    return 0
+    prepared = exit_on_error(p, lambda: prepare_sweep(config))
+    return print_result(args, prepared.run(), as_json)
 
 
 def main(argv=None, prog: str = "keras-l2 sweep") -> int:

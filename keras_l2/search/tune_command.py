@@ -12,10 +12,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from keras_l2.search.command import add_shared_arguments, shared_options
+from keras_l2.search.command import add_shared_arguments, exit_on_error, print_result, shared_options
 from keras_l2.search.config import TuneConfig, check_tune_config
 
 DESCRIPTION = ("Finds the lambda with the lowest validation data loss: lambda 0 and one lambda per decade of "
@@ -54,28 +53,17 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
 
 def checked_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> TuneConfig:
     """The options as a checked `TuneConfig`; a bad one exits with status 2 and one line. Needs no Keras."""
-    try:
-        return check_tune_config(config_from_args(args))
-    except ValueError as error:
-        p.exit(2, f"{p.prog}: error: {error}\n")
+    return exit_on_error(p, lambda: check_tune_config(config_from_args(args)))
 
 
 def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Checks everything (bad input exits with status 2 and one line, before any run), then tunes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     config = checked_config(args, p)
-    from keras_l2.search.tuning import prepare_tune
+    from keras_l2.search.tuning import as_json, prepare_tune
 
-    try:
-        prepared = prepare_tune(config)
-    except ValueError as error:
-        p.exit(2, f"{p.prog}: error: {error}\n")
-    result = prepared.run()
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("results", "report")}))
-    elif args.quiet:
-        print(result["report"])
-    return 0
+    prepared = exit_on_error(p, lambda: prepare_tune(config))
+    return print_result(args, prepared.run(), as_json)
 
 
 def main(argv=None, prog: str = "keras-l2 tune") -> int:

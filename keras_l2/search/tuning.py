@@ -68,8 +68,8 @@ from keras_l2.tracking.outbox import Outbox
 
 CONFIRM = (10 ** -0.25, 1.0, 10 ** 0.25)  # the confirmation's λ, as multiples of λ̂: quarter decades
 STEP = 1.5  # stage 1's first move of log λ (nats; a factor 4.5); each next move is 0.7 times the last
-__all__ = ["CONFIRM", "HypergradientLambda", "TuneConfig", "confirmation", "plain_run_seconds", "prepare_tune",
-           "run_tune"]
+__all__ = ["CONFIRM", "HypergradientLambda", "TuneConfig", "as_json", "confirmation", "plain_run_seconds",
+           "prepare_tune", "run_tune"]
 
 
 def prepare_tune(config: TuneConfig | None = None, model=None, data=None) -> PreparedTune:
@@ -147,6 +147,14 @@ class PreparedTune:
         summary["report"] = report(results, summary, parent_id, store.tracking_uri)
         say(summary["report"])
         return {"parent_run_id": parent_id, "results": results, **summary}
+
+
+def as_json(result: dict) -> dict:
+    """The tune's result for scripts (`keras-l2 tune --json`): the answer, the cost, stage 1's λ path."""
+    keep = ("parent_run_id", "best_lambda", "best_val_data_loss", "test_data_loss", "lambda_estimate", "note",
+            "cost_in_runs", "plain_run_seconds", "seconds")
+    return {**{k: result[k] for k in keep}, "trajectory": [l2 for _, l2, _ in result["trajectory"]],
+            "confirmation": {r["l2"]: r["history"]["val_data_loss"][-1] for r in result["results"]}}
 
 
 def validation_every(epochs: int, most: int = 5) -> int:
