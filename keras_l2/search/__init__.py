@@ -15,7 +15,7 @@ Without `model` it trains the built-in MLP, without `data` the digits (or
 Modules: `config` (`SweepConfig` and its checks), `data` (.npz, arrays,
 `tf.data`, and n), `datasets` (the bundled digits and wine), `models` (the built-in MLP, model functions and
 their checks), `stacked` (members trained together), `stacking` (building a
-stack), `training` (one run, one stack), `runner` (the sweep and its parent run),
+stack), `training` (one run, one stack), `runner` (the sweep), `parent` (the parent run),
 `report` (the table and plots), `command` (the command line), and for
 `keras-l2 tune`: `hypergradient` (dL_val/dλ through one update), `tuning`
 (the two stages) and `tune_command` (its command line). Names are

@@ -49,10 +49,10 @@ from keras_l2.optimizer import L2DecayOptimizer
 TUNABLE = ("Adam", "SGD", "RMSprop")  # the wrapped optimizers whose update is written out below
 
 
-def check_tunable(model) -> None:
+def check_tunable(model) -> tuple:
     """Refuses what the hypergradient cannot follow exactly: no keras_l2 route or several, an optimizer other
     than Adam, SGD or RMSprop, or one with clipping, EMA, gradient accumulation, AMSGrad, a centered RMSprop
-    or its own weight decay."""
+    or its own weight decay. Returns the model's `RouteDescription` and the optimizer that makes the update."""
     description = describe(model)
     if description.mode not in ("penalty", "coupled", "decoupled") or len(description.ns) != 1:
         raise ValueError(f"tune: the model must use exactly one keras_l2 route (regularizer, loss, coupled or "
@@ -67,6 +67,7 @@ def check_tunable(model) -> None:
     if odd:
         raise ValueError(f"tune: the hypergradient follows plain updates; the optimizer sets {odd} (allowed: "
                          f"{ {k: v for k, v in settings.items() if k in odd} })")
+    return description, inner
 
 
 def inner_optimizer(model):
@@ -146,11 +147,10 @@ def hypergradient(model, train_batch, val_batch) -> tuple[float, float]:
     update is the one `fit` would make next on `train_batch`, with the
     model's own losses (`model.losses`) in it.
     """
-    check_tunable(model)
+    description, inner = check_tunable(model)
     sync_training_state(model)
     if not model.optimizer.built:  # before the first step: its state is what `fit` would build
         model.optimizer.build(model.trainable_variables)
-    description, inner = describe(model), inner_optimizer(model)
     (n,), chosen = description.ns, description.chosen_kernel_ids
     variables = list(model.trainable_variables)
     weights = [ops.convert_to_tensor(v) for v in variables]

@@ -43,14 +43,13 @@ from keras_l2.search.config import RESULTS_DIR, SweepConfig, check_config
 from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, load_npz
 from keras_l2.search.datasets import bundled
 from keras_l2.search.models import check_model, load_model_spec, mlp_function
+from keras_l2.search.parent import end_parent, start_parent
 from keras_l2.search.report import best_lines, draw_plots, summarize, training_notes
 from keras_l2.search.stacking import default_stack_size
 from keras_l2.search.training import RunPlan, train_one, train_stack
-from keras_l2.tracking.outbox import Outbox
 from keras_l2.tracking.store import TrackingStore, open_store, resolve_store, short_requests, ui_hint
 
 PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer before the sweep is refused
-PARENT_TIMEOUT = 60.0  # seconds to wait for the parent run's id (a busy SQLite store is slow, not down)
 
 
 def run_sweep(config: SweepConfig | None = None, model: Callable | None = None, data=None,
@@ -109,15 +108,8 @@ class PreparedSweep:
     def run(self, callbacks: Sequence = ()) -> dict:
         """Runs the sweep (see `run_sweep`)."""
         config, data, store = self.config, self.data, self.store
-        outbox = Outbox(store, spool_dir=config.spool_dir, request_timeout=min(5.0, max(1.0, config.max_delay)))
-        parent = outbox.create_run(config.experiment, run_name=f"sweep {config.route} {len(config.lambdas)} lambdas",
-                                   tags={"sweep.data": data.name, "sweep.route": config.route})
-        outbox.log(parent, params=self.params)
-        parent_id = outbox.run_id(parent, timeout=PARENT_TIMEOUT)
-        if parent_id is None:
-            outbox.close()
-            raise RuntimeError(f"The sweep's parent run was not created in {store.tracking_uri} within "
-                               f"{PARENT_TIMEOUT:g} s; its records are saved in {outbox.spool_dir}.")
+        outbox, parent, parent_id = start_parent(
+            config, data, store, f"sweep {config.route} {len(config.lambdas)} lambdas", {}, self.params)
         plan = RunPlan(config, data, self.build, parent_id, store.tracking_uri, tuple(callbacks))
         jobs = _jobs(config, self.stack_size)
         if config.verbose:
@@ -218,18 +210,6 @@ def _check_reachable(store) -> None:
             reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             raise ValueError(f"--tracking-uri: the MLflow server {store.tracking_uri} does not answer ({reason}); "
                              "start it, or pass another tracking URI. No run was created.") from None
-
-
-def end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> bool:
-    """Attaches the plots and ends the parent run through the outbox: at most `max_delay` s of waiting.
-
-    Returns whether all was delivered; what was not is spooled, plots by their path in `results_dir`, and sent
-    later.
-    """
-    for path in plots:
-        outbox.log_artifact(parent, path, artifact_path="plots")
-    outbox.end_run(parent, status)
-    return outbox.close(max_delay)
 
 
 def _report_text(summary: dict, config: SweepConfig, plots: list, parent_id: str, store, experiment: str | None,

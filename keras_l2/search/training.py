@@ -28,6 +28,7 @@ class RunPlan:
     store_uri: str
     callbacks: tuple = ()
     tags: tuple = ()  # (key, value) pairs added to every run's tags (a tune's stage)
+    log_every_n_steps: int | None = None  # also log every N steps (a single run's logger only: a tune's stage 1)
 
 
 def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
@@ -45,14 +46,11 @@ def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
     return _result(l2, seed, logger, history, progress, chosen, test_data_loss(model, data))
 
 
-def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "", measure=None,
-                validation_freq: int = 1) -> list:
+def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "", validation_freq: int = 1) -> list:
     """Trains one stack: every lambda in `lambdas` with `seed`, together (see `keras_l2.search.stacked`).
 
     Returns one result per lambda, each what `train_one` returns for it: every
     member logs to its own child run, exactly as its separate run would.
-    `measure(model) -> dict`, if given, is called on each trained member's
-    model and its items join that member's result (the tuner's hypergradient).
     `validation_freq`: validate every that many epochs (Keras' option; the
     tuner, which chooses on the last epoch's, makes it divide the epochs).
     """
@@ -70,8 +68,7 @@ def train_stack(plan: RunPlan, lambdas: tuple, seed: int, position: str = "", me
                                           for logger, progress in zip(loggers, progresses, strict=True)]).history
     chosen = [choose_layers(member.model, config.layers) for member in stack.members]
     members = zip(lambdas, loggers, progresses, chosen, stack.members, strict=True)
-    return [{**_result(l2, seed, logger, member_logs(history, index), progress, layers,
-                       test_data_loss(member.model, data)), **(measure(member.model) if measure else {})}
+    return [_result(l2, seed, logger, member_logs(history, index), progress, layers, test_data_loss(member.model, data))
             for index, (l2, logger, progress, layers, member) in enumerate(members)]
 
 
@@ -92,7 +89,7 @@ def _logger(plan: RunPlan, l2: float, seed: int) -> MlflowL2Logger:
         tracking_uri=plan.store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
         parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route, **dict(plan.tags)},
         max_delay=config.max_delay, spool_dir=config.spool_dir, verbose=0,
-        log_every_n_steps=getattr(config, "log_every_n_steps", None),  # a tune's first stage only
+        log_every_n_steps=plan.log_every_n_steps,
     )
 
 

@@ -57,14 +57,15 @@ import time
 import keras
 import numpy as np
 
+from keras_l2.inventory import l2_routes
 from keras_l2.routes import make_optimizer, set_l2
 from keras_l2.search.config import SweepConfig, TuneConfig, check_tune_config
 from keras_l2.search.data import SweepData
 from keras_l2.search.hypergradient import hypergradient
 from keras_l2.search.models import build_run
-from keras_l2.search.runner import PreparedSweep, end_parent, prepare_sweep
+from keras_l2.search.parent import end_parent, start_parent
+from keras_l2.search.runner import PreparedSweep, prepare_sweep
 from keras_l2.search.training import RunPlan, train_one, train_stack
-from keras_l2.tracking.outbox import Outbox
 
 CONFIRM = (10 ** -0.25, 1.0, 10 ** 0.25)  # the confirmation's λ, as multiples of λ̂: quarter decades
 STEP = 1.5  # stage 1's first move of log λ (nats; a factor 4.5); each next move is 0.7 times the last
@@ -99,18 +100,11 @@ class PreparedTune:
         config, data, store = self.sweep.config, self.sweep.data, self.sweep.store
         started = time.perf_counter()
         say = print if config.verbose else (lambda *args, **kwargs: None)
-        outbox = Outbox(store, spool_dir=config.spool_dir, request_timeout=min(5.0, max(1.0, config.max_delay)))
-        parent = outbox.create_run(config.experiment, run_name=f"tune {config.route}",
-                                   tags={"sweep.data": data.name, "sweep.route": config.route, "tune": "true"})
         low, high = config.lambda_range
         params = {k: v for k, v in self.sweep.params.items() if k not in ("sweep.lambdas", "sweep.stacked")}
-        outbox.log(parent, params={**params, "tune.range": f"{low:g},{high:g}", "tune.seed": config.seed,
-                                   "tune.confirm": ",".join(f"{f:.4g}" for f in CONFIRM), "tune.step": STEP})
-        parent_id = outbox.run_id(parent, timeout=60.0)
-        if parent_id is None:
-            outbox.close()
-            raise RuntimeError(f"The tune's parent run was not created in {store.tracking_uri} within 60 s; its "
-                               f"records are saved in {outbox.spool_dir}.")
+        outbox, parent, parent_id = start_parent(config, data, store, f"tune {config.route}", {"tune": "true"}, {
+            **params, "tune.range": f"{low:g},{high:g}", "tune.seed": config.seed,
+            "tune.confirm": ",".join(f"{f:.4g}" for f in CONFIRM), "tune.step": STEP})
         plan = RunPlan(config, data, self.sweep.build, parent_id, store.tracking_uri)
         status, results = "FAILED", []
         try:
@@ -119,17 +113,17 @@ class PreparedTune:
             hyper = HypergradientLambda(data, config.lambda_range, hold=config.epochs // 2, verbose=config.verbose)
             say(f"Stage 1/2: one run, lambda held at {hyper.l2:g} for {hyper.hold} epochs, then following the "
                 "validation hypergradient.", flush=True)
-            first = train_one(dataclasses.replace(plan, callbacks=(hyper,), tags=(
-                ("tune.stage", "1: lambda follows the hypergradient"),)), hyper.l2, config.seed, "[stage 1/2]")
+            first = train_one(dataclasses.replace(plan, callbacks=(hyper,), log_every_n_steps=config.log_every_n_steps,
+                                                  tags=(("tune.stage", "1: lambda follows the hypergradient"),)),
+                              hyper.l2, config.seed, "[stage 1/2]")
             estimate, note = hyper.estimate()
             say(f"  lambda estimate {estimate:.4g}. {note}", flush=True)
             outbox.log(parent, metrics={"lambda": estimate}, step=1)
             confirm = confirmation(estimate, config.lambda_range)
             say(f"Stage 2/2, confirm: lambda {', '.join(f'{v:g}' for v in confirm)} from scratch, trained together.",
                 flush=True)
-            per_epoch = dataclasses.replace(plan, config=dataclasses.replace(config, log_every_n_steps=None),
-                                            tags=(("tune.stage", "2: confirmation"),))
-            results = train_stack(per_epoch, confirm, config.seed, "[stage 2/2]",
+            confirming = dataclasses.replace(plan, tags=(("tune.stage", "2: confirmation"),))
+            results = train_stack(confirming, confirm, config.seed, "[stage 2/2]",
                                   validation_freq=validation_every(config.epochs))
             seconds = time.perf_counter() - started
             plain = plain_run_seconds(self.sweep.build, data, config)
@@ -193,7 +187,8 @@ class HypergradientLambda(keras.callbacks.Callback):
         self._pending, self._step = [], STEP if step is None else step
 
     def on_epoch_begin(self, epoch, logs=None):
-        if not self.trajectory or self.trajectory[-1][1] != self.l2:
+        # A change of λ retraces the step: only when it changes (the model is usually compiled with the start).
+        if l2_routes(self.model).l2 != self.l2:
             set_l2(self.model, self.l2)
 
     def on_epoch_end(self, epoch, logs=None):
