@@ -74,13 +74,15 @@ class L2LossMeans(keras.metrics.Metric):
 
 
 class _Hook:
-    def __init__(self, model):
+    def __init__(self, model, means=None):
         # In the model's strategy scope, as Keras makes its loss tracker: the
         # logger attaches in `set_model`, which `fit` calls outside the scope,
         # and plain variables there hold, under MultiWorkerMirroredStrategy,
         # the examples of their own worker only (data_loss was one worker's).
-        with backend.strategy_scope(model):
-            self.means = L2LossMeans()
+        if means is None:
+            with backend.strategy_scope(model):
+                means = L2LossMeans()
+        self.means = means
         self.compute_loss = model.compute_loss  # the bound method we wrap
         self.had_own_compute_loss = "compute_loss" in model.__dict__
 
@@ -104,7 +106,10 @@ def attach_l2_metrics(model) -> None:
             f"Model {model.name!r} already has metrics named {clashes}; keras_l2 reports the "
             f"penalty and the data loss under these names. Rename your metrics."
         )
-    hook = _Hook(model)
+    # The metric of the hook detached last, if any: a step function kept on
+    # TensorFlow (see `keras_l2.steps`) updates that metric's variables.
+    previous = steps.last_metrics_hook(model)
+    hook = _Hook(model, means=None if previous is None else previous.means)
     original = hook.compute_loss
 
     def compute_loss(*args, **kwargs):

@@ -44,6 +44,7 @@ class _State:
 
     def __init__(self):
         self.hook = None
+        self.last_hook = None  # the hook detached last: kept traces update its metric, so a new hook reuses it
         self.functions: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -75,6 +76,12 @@ def metrics_hook(model):
     return None if state is None else state.hook
 
 
+def last_metrics_hook(model):
+    """The hook detached from `model` last, or None: a kept trace updates its metric, not a new one's."""
+    state = model.__dict__.get(_STATE)
+    return None if state is None else state.last_hook
+
+
 def needs_retrace(model, routes: L2Routes) -> bool:
     """Whether a new lambda on `routes` reaches `model`'s steps only through new step functions.
 
@@ -97,6 +104,7 @@ def detach(model):
     if state is None or state.hook is None:
         return None
     hook, state.hook = state.hook, None
+    state.last_hook = hook
     _switch(model, state, attached=False)
     return hook
 

@@ -128,6 +128,19 @@ def test_a_user_metric_with_the_same_name_is_refused():
 
 
 @pytest.mark.parametrize("route", ROUTES)
+def test_a_second_attach_reports_the_metrics_again(float64, route):
+    """One logger per `fit` attaches and detaches each time; a kept trace must update the metric reported."""
+    model, w0, x, y = _sgd_on_both_layers(route)
+    for _ in range(2):
+        attach_l2_metrics(model)
+        history = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
+        detach_l2_metrics(model)
+    start = reference_gd(w0, x, y, LR, 24, [LAMBDA], (True, True))
+    np.testing.assert_allclose(history["l2_penalty"][0], _penalty(start, LAMBDA, 24, (True, True)), rtol=RTOL)
+    np.testing.assert_allclose(history["data_loss"][0], _cce(start, x, y), rtol=RTOL)
+
+
+@pytest.mark.parametrize("route", ROUTES)
 def test_reattaching_reuses_traces_but_never_a_stale_lambda(float64, route):
     model, w0, x, y = _sgd_on_both_layers(route)
     model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
