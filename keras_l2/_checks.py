@@ -78,20 +78,3 @@ def check_mode(mode: object) -> str:
             f"Received: mode={mode!r}"
         )
     return str(mode)
-
-
-class LambdaAttribute:
-    """A class attribute holding lambda, checked by `check_l2` on every assignment.
-
-    A compiled model sees a new lambda only after a retrace:
-    `keras_l2.set_l2(model, value)` assigns and retraces.
-    """
-
-    def __set_name__(self, owner, name):
-        self._slot = "_" + name
-
-    def __get__(self, obj, objtype=None):
-        return self if obj is None else getattr(obj, self._slot)
-
-    def __set__(self, obj, value):
-        setattr(obj, self._slot, check_l2(value))

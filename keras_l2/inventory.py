@@ -103,17 +103,17 @@ def l2_routes(model) -> L2Routes:
     return L2Routes(regularizers, losses, optimizers)
 
 
-def penalty_terms(model) -> list:
+def penalty_terms(model, in_step: bool = False) -> list:
     """`(kernels, l2, n, in_loss)` for each keras_l2 route on `model`.
 
     `in_loss` says whether the route puts its penalty into Keras' loss (the
     regularizer and loss routes) or applies it in the update (the optimizer).
+    With `in_step`, `l2` is as a traced step reads it (`L2Route.step_l2`).
     """
     routes = l2_routes(model)
-    terms = [([v], reg.l2, reg.n, reg.in_loss) for v, reg in routes.regularizers]
-    for route in (*routes.losses, *routes.optimizers):
-        terms.append((route.kernels(model), route.l2, route.n, route.in_loss))
-    return terms
+    pairs = [([v], reg) for v, reg in routes.regularizers]
+    pairs += [(route.kernels(model), route) for route in (*routes.losses, *routes.optimizers)]
+    return [(kernels, route.step_l2 if in_step else route.l2, route.n, route.in_loss) for kernels, route in pairs]
 
 
 @dataclasses.dataclass(frozen=True)

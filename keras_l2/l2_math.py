@@ -11,8 +11,9 @@ Conventions (the math contract, `docs/math.md`):
                                                   own `weight_decay`)
 
 `l2` is lambda and `n` the number of training examples. `l2` may be a Python
-float or a scalar tensor (the optimizer route keeps it in a variable so that
-it can change without a retrace); the coefficients are computed with the same
+float or a scalar tensor (the optimizer route keeps it in a variable, and on
+TensorFlow every route reads a float64 one, so that it can change without a
+retrace); the coefficients are computed with the same
 operations in the same order either way, so the routes agree bit for bit in
 float64.
 

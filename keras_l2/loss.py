@@ -7,9 +7,9 @@ import weakref
 import keras
 
 from keras_l2 import backend, l2_math
-from keras_l2._checks import LambdaAttribute, check_n
+from keras_l2._checks import check_n
 from keras_l2.inventory import check_single_route
-from keras_l2.route import L2Route
+from keras_l2.route import L2Route, LambdaAttribute
 from keras_l2.selection import check_in_model, check_unique_names, layers_or_names, select_layers
 
 
@@ -104,7 +104,7 @@ class L2CategoricalCrossentropy(keras.losses.CategoricalCrossentropy, L2Route):
                 "and has not been bound to a model yet: call `loss.bind(model)`."
             )
         kernels = [layer.kernel for layer in self._layers]
-        return l2_math.penalty(kernels, self.l2, self.n, dtype=dtype)
+        return l2_math.penalty(kernels, self.step_l2, self.n, dtype=dtype)
 
     def data_loss(self, y_true, y_pred, sample_weight=None):
         """The reduced cross-entropy alone, without the penalty."""

@@ -153,7 +153,7 @@ def l2_metrics_attached(model) -> bool:
 
 def _update(model, hook, x, loss):
     total = in_loss = None
-    for kernels, l2, n, counted in penalty_terms(model):
+    for kernels, l2, n, counted in penalty_terms(model, in_step=True):
         value = l2_math.penalty(kernels, l2, n, dtype=loss.dtype)
         total = value if total is None else ops.add(total, value)
         if counted:

@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_l2 import backend, l2_math
+from keras_l2.backend import lambdas
 from keras_l2._checks import check_l2, check_mode, check_n
 from keras_l2.inventory import check_single_route
 from keras_l2.route import L2Route
@@ -94,6 +95,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
         super().__init__(learning_rate=0.0, name=name or "l2_decay_optimizer")
         self.inner_optimizer = optimizer
         self._initial_l2, self.n, self.mode = l2, n, mode
+        lambdas.hold_lambda(self, l2)  # what the in-step `l2_penalty` metric reads on TensorFlow
         self._layer_names = layer_names
         # Identities, not the variables: Keras' tracker would adopt the model's
         # kernels as optimizer variables (and JAX would donate them twice).
@@ -140,6 +142,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
     def l2(self, value: float) -> None:
         value = check_l2(value)
         self._initial_l2 = value
+        lambdas.hold_lambda(self, value)
         if self.built:
             self._l2_variable.assign(value)
 
@@ -183,6 +186,7 @@ class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
         loaded = ops.convert_to_numpy(self._l2_variable)
         if loaded != np.asarray(self._initial_l2, dtype=loaded.dtype):
             self._initial_l2 = float(loaded)
+            lambdas.hold_lambda(self, self._initial_l2)
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import keras
 
 from keras_l2 import l2_math
-from keras_l2._checks import LambdaAttribute, check_l2, check_n
+from keras_l2._checks import check_l2, check_n
 from keras_l2.inventory import check_single_route
-from keras_l2.route import L2Route
+from keras_l2.route import L2Route, LambdaAttribute
 from keras_l2.selection import check_layers, select_layers
 from keras_l2.steps import retrace
 
@@ -45,7 +45,7 @@ class L2Regularizer(keras.regularizers.Regularizer, L2Route):
         self.n = check_n(n)
 
     def __call__(self, x):
-        return l2_math.penalty([x], self.l2, self.n)
+        return l2_math.penalty([x], self.step_l2, self.n)
 
     def kernels(self, model) -> list:
         return [v for v in model.trainable_variables if v.regularizer is self]

@@ -18,6 +18,9 @@ Example:
 
 from __future__ import annotations
 
+from keras_l2.backend import lambdas
+from keras_l2._checks import check_l2
+
 KINDS = ("regularizer", "loss", "optimizer")
 
 
@@ -45,6 +48,16 @@ class L2Route:
     def in_loss(self) -> bool:
         return self.kind != "optimizer"
 
+    @property
+    def step_l2(self):
+        """Lambda as a traced step reads it: a variable where the backend reads one at run time, else `l2`.
+
+        On TensorFlow a new lambda then reaches compiled steps without a
+        retrace (`keras_l2.backend.lambdas`); elsewhere it is a
+        constant of the trace and `keras_l2.set_l2` makes new step functions.
+        """
+        return lambdas.step_lambda(self, self.l2)
+
     def kernels(self, model) -> list:
         """The kernel variables of `model` this route regularizes."""
         raise NotImplementedError
@@ -52,3 +65,24 @@ class L2Route:
     def covers(self, kernel) -> bool:
         """Whether this route regularizes `kernel` (answered without binding to a model)."""
         raise NotImplementedError
+
+
+class LambdaAttribute:
+    """A route's lambda as a class attribute, checked by `check_l2` on every assignment.
+
+    Each assignment also reaches the variable that traced steps read on
+    TensorFlow (`keras_l2.backend.lambdas`). Elsewhere a compiled model
+    sees a new lambda only with new step functions: `keras_l2.set_l2(model,
+    value)` assigns and makes them where needed.
+    """
+
+    def __set_name__(self, owner, name):
+        self._slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(obj, self._slot)
+
+    def __set__(self, obj, value):
+        value = check_l2(value)
+        setattr(obj, self._slot, value)
+        lambdas.hold_lambda(obj, value)

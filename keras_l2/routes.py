@@ -72,9 +72,11 @@ def set_l2(model, l2: float) -> None:
     """Sets lambda on every keras_l2 route of `model`, effective at the next step.
 
     Safe between epochs (e.g. from a callback's `on_epoch_begin`) on every
-    backend: the optimizer route updates its lambda variable in place; the
-    regularizer and loss routes get retraced train and test functions,
-    because their lambda is a constant of the traced step.
+    backend. On TensorFlow every route's compiled step reads lambda from a
+    variable, updated in place. On JAX and PyTorch the optimizer route's is
+    a variable too; the regularizer and loss routes (and the `l2_penalty`
+    metric) get new train and test functions, because their lambda is a
+    constant of the traced step there.
 
     Raises:
         ValueError: a bad `l2`, or a model that uses no keras_l2 route.

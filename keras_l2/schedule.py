@@ -14,8 +14,10 @@ from keras_l2.routes import set_l2
 class LambdaScheduler(keras.callbacks.Callback):
     """Sets lambda at the start of every epoch, like `LearningRateScheduler` for lr.
 
-    Works with every keras_l2 route (see `set_l2`): the optimizer route changes
-    its lambda variable in place, the penalty routes retrace once per change.
+    Works with every keras_l2 route (see `set_l2`): on TensorFlow every route
+    reads lambda from a variable, so a change costs nothing; on JAX and
+    PyTorch the optimizer route does, and the penalty routes retrace once per
+    change.
     The lambda used in each epoch is added to the epoch's logs as `"lambda"`,
     so `History`, `CSVLogger` and the MLflow logger record it.
 

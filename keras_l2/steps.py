@@ -2,8 +2,10 @@
 
 Two things keras_l2 does change what a traced train/test step computes:
 
-- a new lambda on a penalty route (the regularizer and loss routes, and the
-  `l2_penalty` metric of every route, trace lambda as a constant);
+- a new lambda on JAX and PyTorch (the regularizer and loss routes, and the
+  `l2_penalty` metric of every route, trace lambda as a constant there; on
+  TensorFlow they read it from a variable, `keras_l2.backend.lambdas`,
+  so a new lambda needs no new functions);
 - attaching or detaching the in-step metrics (`keras_l2.metrics`).
 
 Both go through here: `retrace` makes the next step use new functions, and
@@ -28,6 +30,7 @@ from __future__ import annotations
 import collections
 
 from keras_l2 import backend
+from keras_l2.backend import lambdas
 from keras_l2.inventory import L2Routes, penalty_terms
 
 _STATE = "_keras_l2_step_state"
@@ -85,9 +88,12 @@ def last_metrics_hook(model):
 def needs_retrace(model, routes: L2Routes) -> bool:
     """Whether a new lambda on `routes` reaches `model`'s steps only through new step functions.
 
-    The optimizer route keeps lambda in a variable; the penalty routes, and
-    the `l2_penalty` metric for every route, trace it as a constant.
+    On TensorFlow every route's traced step reads lambda from a variable.
+    Elsewhere the optimizer route does; the penalty routes, and the
+    `l2_penalty` metric for every route, trace it as a constant.
     """
+    if lambdas.steps_read_lambda():
+        return False
     return bool(routes.regularizers or routes.losses or metrics_hook(model) is not None)
 
 
@@ -134,7 +140,11 @@ def _switch(model, state: _State, attached: bool) -> None:
 
 
 def _trace_key(model) -> tuple:
-    """Everything a trace bakes in that keras_l2 knows of: the compiled objects, each route's terms, trainability."""
-    terms = tuple((tuple(id(k) for k in kernels), l2, n) for kernels, l2, n, _ in penalty_terms(model))
+    """Everything a trace bakes in that keras_l2 knows of: the compiled objects, each route's terms, trainability.
+
+    Not lambda: functions are kept only on TensorFlow, whose steps read it
+    from a variable.
+    """
+    terms = tuple((tuple(id(k) for k in kernels), n) for kernels, _, n, _ in penalty_terms(model))
     trainable = tuple(layer.trainable for layer in backend.all_layers(model, include_self=True))
     return backend.compiled_identity(model), terms, trainable, getattr(model, "jit_compile", None)

@@ -60,13 +60,23 @@ def test_optimizer_lambda_changes_without_retrace(float64, mode):
     assert model.optimizer.l2 == 0.25
 
 
-def test_penalty_routes_retrace_on_change(float64):
+@pytest.mark.parametrize("route", ["regularizer", "loss"])
+def test_penalty_routes_retrace_only_where_lambda_is_a_trace_constant(float64, route):
+    """TensorFlow's steps read lambda from a variable: the same functions see the new value."""
     model = mlp()
-    compile_route(model, "loss", keras.optimizers.SGD(LR), 1.0, len(X), select_layers(model))
+    compile_route(model, route, keras.optimizers.SGD(0.0), 1.0, len(X), select_layers(model))
     model.fit(X, Y, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
-    traced = model.train_function
+    set_l2(model, 0.0)
+    unpenalized = model.evaluate(X, Y, batch_size=len(X), verbose=0)
+    traced, tested = model.train_function, model.test_function
     set_l2(model, 0.25)
-    assert model.train_function is not traced
+    penalized = model.evaluate(X, Y, batch_size=len(X), verbose=0)
+    tensorflow = keras.backend.backend() == "tensorflow"
+    assert (model.train_function is traced) == tensorflow
+    assert (model.test_function is tested) == tensorflow
+    kernels = [model.get_layer("hidden").kernel, model.get_layer("out").kernel]
+    penalty = 0.25 / len(X) * sum(float(np.sum(np.square(keras.ops.convert_to_numpy(k)))) for k in kernels)
+    np.testing.assert_allclose(penalized - unpenalized, penalty, rtol=1e-6)  # torch logs float32
 
 
 @pytest.mark.parametrize("route", ROUTES)
