@@ -7,8 +7,8 @@ import numpy as np
 from keras import ops
 
 from keras_l2 import backend, l2_math
-from keras_l2.backend import lambdas
 from keras_l2._checks import check_l2, check_mode, check_n
+from keras_l2.backend import lambdas
 from keras_l2.inventory import check_single_route
 from keras_l2.route import L2Route
 from keras_l2.selection import kernel_layer_name, layers_or_names, resolve_kernels

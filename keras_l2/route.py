@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from keras_l2.backend import lambdas
 from keras_l2._checks import check_l2
+from keras_l2.backend import lambdas
 
 KINDS = ("regularizer", "loss", "optimizer")
 
