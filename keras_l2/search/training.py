@@ -31,8 +31,11 @@ class RunPlan:
     log_every_n_steps: int | None = None  # also log every N steps (a single run's logger only: a tune's stage 1)
 
 
-def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
-    """Trains one model with lambda `l2`; returns its per-epoch history and final norms."""
+def train_one(plan: RunPlan, l2: float, seed: int, position: str = "", validation_freq: int = 1) -> dict:
+    """Trains one model with lambda `l2`; returns its per-epoch history and final norms.
+
+    `validation_freq`: validate every that many epochs, as in `train_stack`.
+    """
     config, data = plan.config, plan.data
     model = build_run(plan.build, seed)
     chosen = compile_run(model, l2, route=config.route, n=data.n, layers=config.layers, optimizer=config.optimizer,
@@ -42,7 +45,7 @@ def train_one(plan: RunPlan, l2: float, seed: int, position: str = "") -> dict:
     # The same data order for every lambda of a seed: shuffling draws from Keras' seeded generator.
     keras.utils.set_random_seed(1000 + seed)
     history = model.fit(**data.fit_args(config.batch_size), epochs=config.epochs, verbose=0,
-                        callbacks=[logger, progress, *plan.callbacks]).history
+                        validation_freq=validation_freq, callbacks=[logger, progress, *plan.callbacks]).history
     return _result(l2, seed, logger, history, progress, chosen, test_data_loss(model, data))
 
 
@@ -131,8 +134,10 @@ class _Progress(keras.callbacks.Callback):
             print(f"{self.label} epoch {done:>4}/{self.epochs}  {self._summary(logs)}  ETA {eta:5.1f}s", flush=True)
 
     def _summary(self, logs) -> str:
-        return (f"data_loss {logs['data_loss']:.4f}  val_data_loss {logs['val_data_loss']:.4f}  "
-                f"val_acc {logs['val_accuracy']:.3f}")
+        line = f"data_loss {logs['data_loss']:.4f}"
+        if "val_data_loss" in logs:  # not on the epochs a `validation_freq` skips
+            line += f"  val_data_loss {logs['val_data_loss']:.4f}  val_acc {logs['val_accuracy']:.3f}"
+        return line
 
 
 class _StackProgress(_Progress):

@@ -10,10 +10,12 @@ Two stages:
    (`keras_l2.search.hypergradient`; the whole training set as the batch,
    the whole validation split), and at the fifth `log λ` moves against the
    sign of their mean, by `STEP` at first and 0.7 times the last move after
-   that (`HypergradientLambda`). λ̂ is where the last move lands. A change
-   of λ retraces the step functions once (the regularizer and loss routes,
-   and the logged `l2_penalty` of every route, bake λ in): hence a move every
-   five epochs, not every epoch.
+   that (`HypergradientLambda`). λ̂ is where the last move lands. Keras
+   validates this run every fifth epoch (`validation_every`): the
+   hypergradient reads the validation split itself. On TensorFlow a new λ
+   reaches the compiled step without a retrace; on JAX each move retraces
+   (the regularizer and loss routes, and the logged `l2_penalty`, bake λ in
+   there).
 2. **Confirm.** λ̂ · {10^-1/4, 1, 10^1/4}, trained from scratch at fixed λ
    through the chosen route, together (`keras_l2.search.stacked`). When λ̂
    ends at the range's edge, the confirmation reaches a decade beyond it (and
@@ -31,7 +33,7 @@ per step with `log_every_n_steps`). The parent gets `lambda` (λ̂ at step 1,
 the answer at step 2), `best_lambda`, `best_val_data_loss`,
 `test_data_loss` and `cost_in_runs`: the two stages' wall time over one
 plain run of the same model, epochs and batch size, without L2, validated
-every epoch like a sweep's run, timed in this process after the stages
+every epoch like a sweep's run (without tracking), timed in this process after the stages
 (its first epoch, plus the median of five more times the rest; that timing
 is not counted).
 
@@ -115,7 +117,7 @@ class PreparedTune:
                 "validation hypergradient.", flush=True)
             first = train_one(dataclasses.replace(plan, callbacks=(hyper,), log_every_n_steps=config.log_every_n_steps,
                                                   tags=(("tune.stage", "1: lambda follows the hypergradient"),)),
-                              hyper.l2, config.seed, "[stage 1/2]")
+                              hyper.l2, config.seed, "[stage 1/2]", validation_freq=validation_every(config.epochs))
             estimate, note = hyper.estimate()
             say(f"  lambda estimate {estimate:.4g}. {note}", flush=True)
             outbox.log(parent, metrics={"lambda": estimate}, step=1)
@@ -154,9 +156,10 @@ def as_json(result: dict) -> dict:
 def validation_every(epochs: int, most: int = 5) -> int:
     """Validate every this many epochs: the largest divisor of `epochs` up to `most`, so the last one is validated.
 
-    The tune chooses on the last epoch's validation data loss; validating
-    every epoch would cost it about a third more (its members' curves keep
-    every `most`-th point).
+    The tune chooses on the last epoch's validation data loss, and stage 1's
+    hypergradient reads the validation split itself; validating every epoch
+    would cost both stages about a third more (their curves keep every
+    `most`-th point).
     """
     return max(d for d in range(1, most + 1) if epochs % d == 0)
 
@@ -171,8 +174,9 @@ class HypergradientLambda(keras.callbacks.Callback):
     the sign of the mean of `λ h` (the derivative in `log λ`), by `step`
     (`STEP`) nats at first and `decay` times the previous move after
     that (a noisy bisection), clipped to the range; the new λ takes effect
-    when the next epoch begins. λ changes only every `every` epochs because
-    each change retraces the step (the logged `l2_penalty` bakes λ in).
+    when the next epoch begins. λ changes only every `every` epochs: the
+    mean over a window's last epochs steadies a noisy sign (and on JAX each
+    change retraces the step).
     """
 
     def __init__(self, data: SweepData, lambda_range: tuple, hold: int, every: int = 5, samples: int = 2,
@@ -187,7 +191,7 @@ class HypergradientLambda(keras.callbacks.Callback):
         self._pending, self._step = [], STEP if step is None else step
 
     def on_epoch_begin(self, epoch, logs=None):
-        # A change of λ retraces the step: only when it changes (the model is usually compiled with the start).
+        # Only when λ changes (the model is compiled with the start): on JAX a change retraces the step.
         if l2_routes(self.model).l2 != self.l2:
             set_l2(self.model, self.l2)
 
