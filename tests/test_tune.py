@@ -95,7 +95,7 @@ def test_a_model_without_a_route_is_refused():
 
 # ------------------------------------------------------------------ the confirmation's lambdas
 @pytest.mark.parametrize(("estimate", "expected"), [
-    (0.2, (0.1125, 0.2, 0.3557)),  # inside the range: quarter decades around the estimate
+    (0.2, (0.1125, 0.3557)),  # inside the range: a quarter decade either side of the estimate
     (100.0, (56.23, 100.0, 177.8, 316.2, 1000.0)),  # at the upper end: a decade beyond too
     (1e-4, (0.0, 1e-05, 3.162e-05, 5.623e-05, 0.0001, 0.0001778)),  # at the lower end: below, and 0
 ])

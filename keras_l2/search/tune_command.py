@@ -17,10 +17,11 @@ import os
 from keras_l2.search.command import add_shared_arguments, exit_on_error, print_result, shared_options
 from keras_l2.search.config import TuneConfig, check_tune_config
 
-DESCRIPTION = ("Finds the lambda with the lowest validation data loss: lambda 0 and one lambda per decade of "
-               "--range trained together, each one's hypergradient at the end of training to bracket the best, "
-               "then three lambdas around it trained from scratch to confirm. Prints the best lambda, its test "
-               "data loss and the cost in plain runs; every run is an MLflow child run of one parent run.")
+DESCRIPTION = ("Finds the lambda with the lowest validation data loss in two stages: one run in which lambda "
+               "follows the validation hypergradient (held at the middle of --range for the first half of the "
+               "epochs), then lambda a quarter decade either side of where it ended, trained from scratch "
+               "together to confirm. Prints the best lambda, its test data loss and the cost in plain runs; "
+               "every run is an MLflow child run of one parent run.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
