@@ -182,7 +182,8 @@ class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
     def load_own_variables(self, store):
         super().load_own_variables(store)
         # A checkpoint may hold another lambda than the config; keep `l2` (the
-        # Python float the penalty metrics trace with) in step with it.
+        # Python float the penalty metrics trace with, or on TensorFlow the
+        # variable they read) in step with it.
         loaded = ops.convert_to_numpy(self._l2_variable)
         if loaded != np.asarray(self._initial_l2, dtype=loaded.dtype):
             self._initial_l2 = float(loaded)

@@ -67,8 +67,8 @@ def regularize(model, l2: float = 0.01, n: int = 1, layers=None) -> tuple:
     variable (`layer.kernel.regularizer`), so setting `layer.kernel_regularizer`
     after build silently does nothing. This sets both, so that training sees
     the penalty and `model.save` records it. A kernel that already carries an
-    `L2Regularizer` gets the new lambda; one that carries another regularizer
-    is refused rather than silently replaced.
+    `L2Regularizer` gets a new one with the new lambda; one that carries
+    another regularizer is refused rather than silently replaced.
 
     Args:
         model: a built `keras.Model`.

@@ -62,9 +62,10 @@ def _state(model) -> _State:
 def retrace(model) -> None:
     """Makes a compiled model pick up a changed penalty at its next step.
 
-    Penalty values are traced into the train/test functions as constants, so
-    a change of lambda needs new functions. `fit` reads `model.train_function`
-    before every step, so this also works from a callback between epochs.
+    A new route (`regularize`) always needs new functions; so does a new
+    lambda where it is a constant of the trace (JAX, PyTorch; see
+    `needs_retrace`). `fit` reads `model.train_function` before every step,
+    so this also works from a callback between epochs.
     """
     backend.forget_jax_traces()
     if getattr(model, "train_function", None) is not None:
@@ -142,9 +143,12 @@ def _switch(model, state: _State, attached: bool) -> None:
 def _trace_key(model) -> tuple:
     """Everything a trace bakes in that keras_l2 knows of: the compiled objects, each route's terms, trainability.
 
-    Not lambda: functions are kept only on TensorFlow, whose steps read it
-    from a variable.
+    Functions are kept only on TensorFlow, whose steps read lambda from each
+    route's variable: the key holds which variable (a new route, say from
+    `regularize`, has another), not its value. A kept trace holds its
+    variables, so their ids stay unique while it is kept.
     """
-    terms = tuple((tuple(id(k) for k in kernels), n) for kernels, _, n, _ in penalty_terms(model))
+    terms = tuple((tuple(id(k) for k in kernels), id(l2), n)
+                  for kernels, l2, n, _ in penalty_terms(model, in_step=True))
     trainable = tuple(layer.trainable for layer in backend.all_layers(model, include_self=True))
     return backend.compiled_identity(model), terms, trainable, getattr(model, "jit_compile", None)

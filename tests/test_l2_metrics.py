@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_l2 import attach_l2_metrics, detach_l2_metrics, select_layers, set_l2
+from keras_l2 import attach_l2_metrics, detach_l2_metrics, regularize, select_layers, set_l2
 from tests.helpers import ROUTES, compile_route, data, mlp, reference_gd, reference_loss, reported_rtol, weights
 
 pytestmark = pytest.mark.core
@@ -138,6 +138,21 @@ def test_a_second_attach_reports_the_metrics_again(float64, route):
     start = reference_gd(w0, x, y, LR, 24, [LAMBDA], (True, True))
     np.testing.assert_allclose(history["l2_penalty"][0], _penalty(start, LAMBDA, 24, (True, True)), rtol=RTOL)
     np.testing.assert_allclose(history["data_loss"][0], _cce(start, x, y), rtol=RTOL)
+
+
+def test_a_new_regularizer_is_never_served_a_kept_trace(float64):
+    """`regularize` puts new regularizers (new lambda variables on TensorFlow) on the same kernels."""
+    model, w0, x, y = _sgd_on_both_layers("regularizer")
+    attach_l2_metrics(model)
+    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)
+    detach_l2_metrics(model)
+    regularize(model, l2=3 * LAMBDA, n=24)
+    attach_l2_metrics(model)
+    history = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
+    start = reference_gd(w0, x, y, LR, 24, [LAMBDA], (True, True))
+    penalty = _penalty(start, 3 * LAMBDA, 24, (True, True))
+    np.testing.assert_allclose(history["l2_penalty"][0], penalty, rtol=RTOL)
+    np.testing.assert_allclose(history["loss"][0], _cce(start, x, y) + penalty, rtol=RTOL)
 
 
 @pytest.mark.parametrize("route", ROUTES)
