@@ -20,7 +20,9 @@ three starting λs, on the digits' coupled route (no MLflow).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -72,9 +74,6 @@ def main(argv=None) -> int:
 
 def tune_in_a_new_process(dataset: str, seed: int, epochs: int, root: str) -> dict:
     """`keras-l2 tune --json` with its defaults on a bundled data set: what a user runs, in its own process."""
-    import json
-    import subprocess
-
     done = subprocess.run([sys.executable, "-m", "keras_l2.cli", "tune", "--dataset", dataset, "--seed", str(seed),
                            "--epochs", str(epochs), "--json", "--tracking-uri", f"sqlite:///{root}/mlflow.db"],
                           capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

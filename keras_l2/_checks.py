@@ -70,6 +70,13 @@ def check_n(n: object) -> int:
     return int(n)
 
 
+def check_dataset(name: object) -> str:
+    """Returns `name` after checking that it is one of `DATASETS`."""
+    if name not in DATASETS:
+        raise ValueError(f"--dataset: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    return str(name)
+
+
 def check_mode(mode: object) -> str:
     """Returns `mode` after checking that it is one of `MODES`."""
     if mode not in MODES:

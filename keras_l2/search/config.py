@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from keras_l2._checks import DATASETS, OPTIMIZERS, ROUTES, check_lambdas
+from keras_l2._checks import OPTIMIZERS, ROUTES, check_dataset, check_lambdas
 
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # Each optimizer's default step size: plain SGD at Adam's 1e-3 barely trains the digits MLP in 60 epochs
@@ -78,8 +78,7 @@ def check_config(config: SweepConfig) -> SweepConfig:
         raise ValueError(f"--route: unknown route {config.route!r}; choose one of {', '.join(ROUTES)}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer: unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if config.dataset not in DATASETS:
-        raise ValueError(f"--dataset: unknown data set {config.dataset!r}; choose one of {', '.join(DATASETS)}")
+    check_dataset(config.dataset)
     for name in ("epochs", "seeds", "workers", "batch_size", "train_size"):
         value = getattr(config, name)
         if name == "train_size" and value is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_l2._checks import DATASETS
+from keras_l2._checks import check_dataset
 from keras_l2.search.data import SweepData
 
 
@@ -58,8 +58,7 @@ def wine(train_size: int = 60, seed: int = 0) -> SweepData:
 def bundled(name: str, train_size: int | None = None, seed: int = 0) -> SweepData:
     """One of `DATASETS` by name, with its default training size unless `train_size` is given."""
     loaders = {"digits": digits, "wine": wine}
-    if name not in loaders:
-        raise ValueError(f"--dataset: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    name = check_dataset(name)
     return loaders[name](seed=seed) if train_size is None else loaders[name](train_size, seed)
 
 
