@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-tensorflow test-jax test-torch test-ui test-multiprocess test-all chromium sweep ui lint clean
+.PHONY: setup test test-tensorflow test-jax test-torch test-ui test-multiprocess test-all chromium postgresql team-server sweep ui lint clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,9 @@ PYTEST_WORKERS ?= 2
 test-tensorflow: setup
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not ui and not multiprocess"
 
-# Each of these starts its own processes (a server, or two training processes at most).
-test-multiprocess: setup
+# Each of these starts its own processes (a server, or two training processes at most; the shared-study tests
+# start PostgreSQL and an MLflow server with auth, and three workers).
+test-multiprocess: setup postgresql
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -m multiprocess
 
 # The MLflow UI checked in headless Chromium (Debian's package, installed here if missing).
@@ -47,6 +48,19 @@ chromium:
 		echo "Installing Debian's chromium for the UI test"; \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+# Debian's PostgreSQL, for `make team-server` and the shared-study tests (installed here if missing).
+postgresql:
+	@test -n "$$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null)" || command -v pg_ctl >/dev/null 2>&1 || { \
+		echo "Installing Debian's postgresql for the team server"; \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+# PostgreSQL (Optuna's studies) and an MLflow server with basic auth, on this machine, until Ctrl-C; it prints
+# the workers' command (`keras-l2 sweep --study ...`) and where the generated credentials are.
+TEAM_DIR ?= $(CURDIR)/mlruns/team
+team-server: setup postgresql
+	$(VENV)/bin/keras-l2 team-server --dir "$(TEAM_DIR)" --host $(UI_HOST) --port $(UI_PORT)
 
 test-jax: setup
 	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "core or deploy"

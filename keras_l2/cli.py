@@ -3,6 +3,7 @@
     keras-l2 sweep [--lambdas 0,1e-3,1e-2] [--route regularizer] [--model module:function] ...   a lambda sweep
     keras-l2 tune [--range 1e-4,1e2] [--route regularizer] [--model module:function] ...       the best lambda
     keras-l2 send-pending [--tracking-uri URI]                          deliver records an outage left behind
+    keras-l2 team-server [--dir mlruns/team] [--host 127.0.0.1]        PostgreSQL and MLflow with auth, for --study
 
 This module imports no Keras: `check` parses and checks the command line
 before `keras_l2_cli` (the installed `keras-l2`) imports the library, so
@@ -34,6 +35,21 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     tune = sub.add_parser("tune", help="find the lambda with the lowest validation data loss, at a few runs' cost",
                           description=tune_command.DESCRIPTION)
     tune_command.add_arguments(tune)
+    team = sub.add_parser("team-server", help="start PostgreSQL and an MLflow server with basic auth (for --study)",
+                          description="Starts PostgreSQL (a database for Optuna's studies and one for MLflow) and "
+                                      "`mlflow server --app-name basic-auth` on it, generates the passwords into an "
+                                      "owner-only file, prints the workers' command, and runs until Ctrl-C.")
+    team.add_argument("--dir", default="mlruns/team",
+                      help="where the databases, artifacts and credentials live (default: %(default)s)")
+    team.add_argument("--host", default="127.0.0.1",
+                      help="the MLflow server's address (default: %(default)s, this machine only; 0.0.0.0: all)")
+    team.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default: %(default)s)")
+    team.add_argument("--database-host", default="127.0.0.1",
+                      help="PostgreSQL's address (default: %(default)s; workers on other machines need one they "
+                           "reach, e.g. 0.0.0.0, and connect with the generated password)")
+    team.add_argument("--database-port", type=int, default=5433,
+                      help="PostgreSQL's port (default: %(default)s, beside a system PostgreSQL's 5432)")
+    team.add_argument("--study", default="my-sweep", help="the study named in the printed command")
     pending = sub.add_parser("send-pending", help="deliver MLflow records saved during an outage")
     pending.add_argument("--tracking-uri", default=None,
                          help="send the records of this store only (default: of every store with records pending)")
@@ -47,9 +63,9 @@ def check(argv) -> argparse.Namespace:
     p, subcommands = parser()
     args = p.parse_args(argv)
     if args.command == "sweep":
-        command.checked_config(args, subcommands["sweep"])
+        command.preflight(command.checked_config(args, subcommands["sweep"]), subcommands["sweep"])
     elif args.command == "tune":
-        tune_command.checked_config(args, subcommands["tune"])
+        command.preflight(tune_command.checked_config(args, subcommands["tune"]), subcommands["tune"])
     return args
 
 
@@ -59,6 +75,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "tune":
         return tune_command.run(args, subcommands["tune"])
+    if args.command == "team-server":
+        return _team_server(args)
     if args.command == "send-pending":
         from keras_l2.tracking.resend import send_pending
 
@@ -73,6 +91,27 @@ def main(argv=None) -> int:
             print("No records are pending.")
         return 0 if left == 0 else 1
     return command.run(args, subcommands["sweep"])
+
+
+def _team_server(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from keras_l2.search.team_server import start_team_server
+
+    team = start_team_server(args.dir, host=args.host, port=args.port, database_host=args.database_host,
+                             database_port=args.database_port)
+    print(team.instructions(args.study), flush=True)
+    print("Running; Ctrl-C stops both servers.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        team.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="members per stack (default: as many as a quarter of the free memory holds)")
     p.add_argument("--results-dir", default=defaults.results_dir,
                    help=f"where the plots go (default: {RESULTS_DIR}/<parent run id>)")
+    shared = p.add_argument_group("a sweep shared by several workers (machines or processes)")
+    shared.add_argument("--study", default=None,
+                        help="the Optuna study's name: every worker runs the same command, each (lambda, seed) is "
+                             "trained once, by whichever worker takes it (needs --storage)")
+    shared.add_argument("--storage", default=None,
+                        help="the database holding the study: postgresql://user:password@host/db (several "
+                             "machines; `keras-l2 team-server` starts one) or sqlite:///path.db (one machine)")
+    shared.add_argument("--heartbeat", type=float, default=defaults.heartbeat,
+                        help="seconds between a worker's signs of life; a worker silent for three has its runs "
+                             "trained again by another (default: %(default)s)")
 
 
 def add_shared_arguments(p: argparse.ArgumentParser, defaults: SweepConfig) -> None:
@@ -89,7 +99,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The `SweepConfig` of parsed options; raises ValueError for malformed lambdas or widths."""
     return SweepConfig(
         lambdas=parse_lambdas(args.lambdas), seeds=args.seeds, workers=args.workers, stacked=args.stacked,
-        stack_size=args.stack_size, results_dir=args.results_dir, **shared_options(args))
+        stack_size=args.stack_size, results_dir=args.results_dir, study=args.study, storage=args.storage,
+        heartbeat=args.heartbeat, **shared_options(args))
 
 
 def shared_options(args: argparse.Namespace) -> dict:
@@ -105,6 +116,20 @@ def shared_options(args: argparse.Namespace) -> dict:
 def checked_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> SweepConfig:
     """The options as a checked `SweepConfig`; a bad one exits with status 2 and one line. Needs no Keras."""
     return exit_on_error(p, lambda: check_config(config_from_args(args)))
+
+
+def preflight(config: SweepConfig, p: argparse.ArgumentParser) -> None:
+    """The checks that ask a server, made before Keras loads (seconds sooner; the sweep makes them again): a
+    tracking server answers and accepts the credentials, a study's database opens. Bad: status 2, one line."""
+    from keras_l2.tracking.store import check_reachable, resolve_store
+
+    store = exit_on_error(p, lambda: resolve_store(config.tracking_uri))
+    if store.tracking_uri.startswith(("http://", "https://")):  # a local store is created later, not by a check
+        exit_on_error(p, lambda: check_reachable(store))
+    if getattr(config, "storage", None) and not config.storage.startswith("sqlite"):
+        from keras_l2.search.study_storage import open_study_storage
+
+        exit_on_error(p, lambda: open_study_storage(config).engine.dispose())
 
 
 def exit_on_error(p: argparse.ArgumentParser, make):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from keras_l2._checks import OPTIMIZERS, ROUTES, check_dataset, check_lambdas
 
@@ -56,6 +57,10 @@ class SweepConfig:
     max_delay: float = 5.0  # the most seconds a run's end waits on the tracking store (then: spooled)
     spool_dir: str | None = None  # where undelivered records go; None: mlruns/keras_l2_pending/
     verbose: int = 1
+    # A sweep shared by workers on several machines through an Optuna study (see keras_l2.search.study).
+    study: str | None = None  # the study's name; with `storage`
+    storage: str | None = None  # Optuna's storage: postgresql://... (several machines) or sqlite:///... (one)
+    heartbeat: float = 20.0  # seconds between a worker's signs of life; 3 missed and its runs are retried
 
 
 def parse_lambdas(text: str) -> tuple:
@@ -101,7 +106,43 @@ def check_config(config: SweepConfig) -> SweepConfig:
             math.isfinite(config.max_delay) and config.max_delay >= 0):
         raise ValueError(f"max_delay: must be a finite number of seconds >= 0. Received: {config.max_delay!r}")
     config.lambdas = tuple(sorted(check_lambdas(config.lambdas, "--lambdas")))
+    check_study_options(config)
     return config
+
+
+STORAGE_SCHEMES = ("postgresql", "sqlite")
+
+
+def check_study_options(config: SweepConfig) -> None:
+    """`study` and `storage` come together; the storage is PostgreSQL (or SQLite on one machine)."""
+    if (config.study is None) != (config.storage is None):
+        given, missing = ("--study", "--storage") if config.storage is None else ("--storage", "--study")
+        raise ValueError(f"{given} needs {missing}: a shared sweep is a study name and the database that holds it, "
+                         "e.g. --study my-sweep --storage postgresql://user@host/optuna")
+    if config.study is None:
+        return
+    if not isinstance(config.study, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", config.study):
+        raise ValueError(f"--study: a name of 1 to 200 letters, digits, '.', '_' or '-'. Received: {config.study!r}")
+    scheme = str(config.storage).split(":", 1)[0].split("+", 1)[0]
+    if "://" not in str(config.storage) or scheme not in STORAGE_SCHEMES:
+        raise ValueError(f"--storage: {mask_url(str(config.storage))!r} is not a database URL Optuna's workers can "
+                         "share; use postgresql://user:password@host/db (several machines) or sqlite:///path.db "
+                         "(one machine)")
+    if isinstance(config.heartbeat, bool) or not isinstance(config.heartbeat, (int, float)) or not (
+            math.isfinite(config.heartbeat) and config.heartbeat >= 1):
+        raise ValueError(f"--heartbeat: seconds >= 1 between a worker's signs of life. Received: {config.heartbeat!r}")
+    if config.workers != 1:
+        raise ValueError(f"--workers: with --study, run the same command once per worker (on this machine or "
+                         f"others); each is one worker. Received: --workers {config.workers}")
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password replaced by *** (for anything printed or logged)."""
+    head, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")  # a password may hold an @ that was not escaped
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{head}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 @dataclasses.dataclass

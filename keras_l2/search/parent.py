@@ -24,6 +24,12 @@ def start_parent(config, data, store, run_name: str, tags: dict, params: dict) -
     return outbox, parent, parent_id
 
 
+def reopen_parent(config, store, parent_id: str) -> tuple:
+    """`(outbox, parent)` for a parent run another process created (a study's first worker): to end it here."""
+    outbox = Outbox(store, spool_dir=config.spool_dir, request_timeout=min(5.0, max(1.0, config.max_delay)))
+    return outbox, outbox.use_run(parent_id)
+
+
 def end_parent(outbox, parent: str, plots: list, status: str, max_delay: float) -> bool:
     """Attaches the plots and ends the parent run through the outbox: at most `max_delay` s of waiting.
 

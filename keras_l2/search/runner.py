@@ -37,19 +37,17 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from keras_l2.search.config import RESULTS_DIR, SweepConfig, check_config
+from keras_l2.search.config import SweepConfig, check_config
 from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, load_npz
 from keras_l2.search.datasets import bundled
 from keras_l2.search.models import check_model, load_model_spec, mlp_function
-from keras_l2.search.parent import end_parent, start_parent
-from keras_l2.search.report import best_lines, draw_plots, summarize, training_notes
+from keras_l2.search.outcome import conclude
+from keras_l2.search.parent import start_parent
 from keras_l2.search.stacking import default_stack_size
+from keras_l2.search.study import check_study, run_study
 from keras_l2.search.training import RunPlan, train_one, train_stack
-from keras_l2.tracking.store import TrackingStore, open_store, resolve_store, short_requests, ui_hint
-
-PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer before the sweep is refused
+from keras_l2.tracking.store import TrackingStore, check_reachable, resolve_store
 
 
 def run_sweep(config: SweepConfig | None = None, model: Callable | None = None, data=None,
@@ -86,10 +84,12 @@ def prepare_sweep(config: SweepConfig | None = None, model: Callable | None = No
                          f"NumPy arrays. Received: workers={config.workers}")
     stack_size, reason = _stack_size(config, build)
     store = resolve_store(config.tracking_uri)
-    _check_reachable(store)
+    check_reachable(store)
     params = _parent_params(config, data, model)
     if config.stacked:
         params["sweep.stack_size"] = stack_size
+    if config.study is not None:
+        check_study(config, params)
     return PreparedSweep(config, data, build, store, params, stack_size, reason)
 
 
@@ -108,6 +108,8 @@ class PreparedSweep:
     def run(self, callbacks: Sequence = ()) -> dict:
         """Runs the sweep (see `run_sweep`)."""
         config, data, store = self.config, self.data, self.store
+        if config.study is not None:
+            return run_study(self, callbacks)
         outbox, parent, parent_id = start_parent(
             config, data, store, f"sweep {config.route} {len(config.lambdas)} lambdas", {}, self.params)
         plan = RunPlan(config, data, self.build, parent_id, store.tracking_uri, tuple(callbacks))
@@ -120,37 +122,17 @@ class PreparedSweep:
                   f"{data.name}, route {config.route}, trained {how}, {config.workers} worker(s); "
                   f"MLflow {store.tracking_uri}, parent run {parent_id}", flush=True)
         started = time.perf_counter()
-        status, plots, delivered = "FAILED", [], False
-        try:
-            results = _run_jobs(plan, jobs, started)
-            summary = summarize(config, results)
-            plots = draw_plots(config, results, summary, results_dir(config, parent_id))
-            metrics = {"best_lambda": summary["best"]["l2"], "best_val_data_loss": summary["best"]["val_data_loss"]}
-            if "test_data_loss" in summary["best"]:
-                metrics["test_data_loss"] = summary["best"]["test_data_loss"]
-            outbox.log(parent, metrics=metrics)
-            status = "FINISHED"
-        finally:
-            delivered = end_parent(outbox, parent, plots, status, config.max_delay)
-        steps = config.epochs * data.steps_per_epoch(config.batch_size)
-        summary["notes"] = training_notes(config, summary, data.classes, data.n, steps)
-        experiment = _experiment_of(store, parent_id) if delivered else None  # a store that answered just now
-        summary["report"] = _report_text(summary, config, plots, parent_id, store, experiment,
-                                         time.perf_counter() - started)
-        if config.verbose:
-            print(summary["report"])
-        return {"parent_run_id": parent_id, "results": results, "plots": plots, **summary}
-
-
-def results_dir(config: SweepConfig, parent_id: str) -> Path:
-    """Where the plots go: `config.results_dir`, else `mlruns/plots/<parent run id>` (never tracked files)."""
-    return Path(config.results_dir) if config.results_dir else Path(RESULTS_DIR) / parent_id
+        return conclude(config, data, store, outbox, parent, parent_id, lambda: _run_jobs(plan, jobs, started),
+                        started)
 
 
 def _stack_size(config: SweepConfig, build) -> tuple[int, str]:
     """Members per stack: `config.stack_size`, else what the memory allows (all of a seed's lambdas here)."""
     if not config.stacked:
         return 1, "not stacked"
+    if config.study is not None:  # workers join as they come: each takes one trial at a time unless told more
+        size = min(config.stack_size or 1, len(config.lambdas))
+        return size, f"{size} trial(s) at a time, from --stack-size" if config.stack_size else "one trial at a time"
     if config.stack_size is not None:
         size = min(config.stack_size, len(config.lambdas))
         return size, f"{size} members per stack, from --stack-size {config.stack_size}"
@@ -196,41 +178,6 @@ def _parent_params(config: SweepConfig, data, model) -> dict:
     else:
         params["sweep.model"] = config.model if model is None else getattr(model, "__qualname__", repr(model))
     return params
-
-
-def _check_reachable(store) -> None:
-    """Opens the store (a new SQLite store is created once, before any worker opens it); a server must answer."""
-    if not store.tracking_uri.startswith(("http://", "https://")):
-        open_store(store)
-        return
-    with short_requests(PROBE_TIMEOUT):
-        try:
-            open_store(store).search_experiments(max_results=1)
-        except Exception as error:  # noqa: BLE001 - any failure to answer means the same to the user
-            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-            raise ValueError(f"--tracking-uri: the MLflow server {store.tracking_uri} does not answer ({reason}); "
-                             "start it, or pass another tracking URI. No run was created.") from None
-
-
-def _report_text(summary: dict, config: SweepConfig, plots: list, parent_id: str, store, experiment: str | None,
-                 seconds: float) -> str:
-    """What the sweep prints at its end (`--quiet` prints it too): the table, the best lambda, where things are."""
-    lines = [summary["table"], *best_lines(summary, config.seeds), *summary["notes"]]
-    lines.append(f"Plots: {', '.join(str(p) for p in plots)}")
-    lines.append(f"Runs: parent {parent_id} in {store.tracking_uri}. {ui_hint(store, parent_id, experiment)}")
-    lines.append(f"There, in experiment {config.experiment!r}, the parent run's + lists its child runs: select them "
-                 "and press Compare for their curves side by side.")
-    lines.append(f"Took {seconds:.0f} s.")
-    return "\n".join(lines)
-
-
-def _experiment_of(store, run_id: str) -> str | None:
-    """The experiment of run `run_id`, for the UI's link; None if the store does not answer at once."""
-    try:
-        with short_requests(PROBE_TIMEOUT):
-            return open_store(store).get_run(run_id).info.experiment_id
-    except Exception:  # noqa: BLE001 - only a link is lost; the sweep's results are printed anyway
-        return None
 
 
 def _jobs(config: SweepConfig, stack_size: int) -> list:

@@ -29,6 +29,7 @@ class RunPlan:
     callbacks: tuple = ()
     tags: tuple = ()  # (key, value) pairs added to every run's tags (a tune's stage)
     log_every_n_steps: int | None = None  # also log every N steps (a single run's logger only: a tune's stage 1)
+    run_tags: dict = dataclasses.field(default_factory=dict)  # {(l2, seed): tags} of single runs (a study's trial)
 
 
 def train_one(plan: RunPlan, l2: float, seed: int, position: str = "", validation_freq: int = 1) -> dict:
@@ -90,7 +91,8 @@ def _logger(plan: RunPlan, l2: float, seed: int) -> MlflowL2Logger:
     config = plan.config
     return MlflowL2Logger(
         tracking_uri=plan.store_uri, experiment_name=config.experiment, run_name=f"l2={l2:g} seed={seed}",
-        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route, **dict(plan.tags)},
+        parent_run_id=plan.parent_run_id, tags={"sweep.seed": seed, "sweep.route": config.route, **dict(plan.tags),
+                                   **plan.run_tags.get((l2, seed), {})},
         max_delay=config.max_delay, spool_dir=config.spool_dir, verbose=0,
         log_every_n_steps=plan.log_every_n_steps,
     )

@@ -196,11 +196,33 @@ def open_store(store: TrackingStore):
     if store.tracking_uri.startswith("sqlite:///"):
         database = Path(store.tracking_uri[len("sqlite:///"):])
         database.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(database.with_name(database.name + ".lock")):
+        with exclusive_lock(database.with_name(database.name + ".lock")):
             client = mlflow.MlflowClient(tracking_uri=store.tracking_uri)
             client.search_experiments(max_results=1)  # runs the migrations, if any
         return client
     return mlflow.MlflowClient(tracking_uri=store.tracking_uri)
+
+
+PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer a short question (is it up, a UI link)
+
+
+def check_reachable(store: TrackingStore, timeout: float = PROBE_TIMEOUT) -> None:
+    """Opens the store (a new SQLite store is created once, before any worker opens it); a server must answer
+    within `timeout` seconds and accept the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD), else a ValueError."""
+    if not store.tracking_uri.startswith(("http://", "https://")):
+        open_store(store)
+        return
+    with short_requests(timeout):
+        try:
+            open_store(store).search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 - any failure to answer means the same to the user
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            if "error code 401" in reason or "error code 403" in reason:
+                raise ValueError(f"--tracking-uri: the MLflow server {store.tracking_uri} refused the credentials "
+                                 f"(HTTP {'401' if '401' in reason else '403'}): set MLFLOW_TRACKING_USERNAME and "
+                                 "MLFLOW_TRACKING_PASSWORD to a user of that server. No run was created.") from None
+            raise ValueError(f"--tracking-uri: the MLflow server {store.tracking_uri} does not answer ({reason}); "
+                             "start it, or pass another tracking URI. No run was created.") from None
 
 
 # MLflow's mark of a model-training experiment, set on the experiments keras_l2 creates (one that exists is left
@@ -226,7 +248,10 @@ def experiment_id(client, name: str, store: TrackingStore) -> str:
         return found.experiment_id
 
 
-class _exclusive_lock:
+class exclusive_lock:
+    """`with exclusive_lock(path):` holds an exclusive `flock` on file `path` (created if missing): one process
+    of this machine at a time."""
+
     def __init__(self, path: Path):
         self._path = path
 

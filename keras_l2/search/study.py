@@ -1,0 +1,270 @@
+"""A sweep shared by workers on several machines: `keras-l2 sweep --study NAME --storage URL`, run on each.
+
+Optuna coordinates: the study (in `storage`, PostgreSQL for several machines)
+holds one trial per (λ, seed) of the grid, enqueued once, and each worker
+takes waiting trials until none is left. MLflow records: the first worker
+creates the sweep's parent run and the study keeps its id; every worker's
+child runs sit under it, each tagged with its trial's number. The worker that
+finishes last ends the parent run with the best λ, the table and the plots.
+
+Workers that die are covered by Optuna's heartbeats: a worker signs of life
+for its trials every `heartbeat` seconds; a trial silent for three heartbeats
+is failed by a live worker and enqueued again
+(`RetryHeartbeatStaleTrialCallback`), and the worker that takes it over marks
+the dead attempt's MLflow run KILLED. A worker never leaves while a trial is
+running: only a live worker can fail a stale one.
+
+Three facts shape the loop, each checked against Optuna 5:
+- `ask()` with no trial waiting creates a new trial of the sampler, not a grid
+  point: so workers ask only under the study's lock, after seeing one waiting;
+- heartbeats are sent by `optimize` only: this loop sends its own;
+- enqueuing the grid once needs a guard when workers start together: the same
+  lock (a PostgreSQL advisory lock, or a file lock for SQLite on one machine).
+
+Example: see `tests/test_study.py`; the README's "Run a sweep on several
+machines" gives the commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+import time
+
+from keras_l2.search.config import SweepConfig, mask_url
+from keras_l2.search.outcome import conclude
+from keras_l2.search.parent import reopen_parent, start_parent
+from keras_l2.search.report import summarize
+from keras_l2.search.study_storage import open_study_storage, study_lock
+from keras_l2.search.training import RunPlan, train_one, train_stack
+from keras_l2.tracking.store import experiment_id, open_store
+
+SWEEP_ATTR = "keras_l2.sweep"  # the study's user attributes: what the sweep is, its parent run, its reporter
+PARENT_ATTR = "keras_l2.parent_run_id"
+REPORTER_ATTR = "keras_l2.reported_by"
+RESULT_ATTR = "keras_l2.result"  # a trial's: its run's result (history, norms), for the report
+WORKER_ATTR = "keras_l2.worker"  # a trial's: the worker (host:pid) that took it
+TRIAL_TAG = "keras_l2.trial"  # a child run's MLflow tags: its trial and study
+STUDY_TAG = "keras_l2.study"
+
+
+def check_study(config: SweepConfig, params: dict) -> None:
+    """Refuses, before any training, a storage that does not open or a study created for another sweep."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=config.study, storage=open_study_storage(config))
+    except KeyError:
+        return  # created by the first worker to run
+    _same_sweep(config, study, definition(params, config))
+
+
+def definition(params: dict, config: SweepConfig) -> dict:
+    """What every worker of a study must agree on: the parent run's params and the batch size, as strings (not
+    how a worker trains: stacked or not, its runs are the same)."""
+    kept = {k: str(v) for k, v in params.items() if k not in ("sweep.stacked", "sweep.stack_size")}
+    return {**kept, "sweep.batch_size": str(config.batch_size),
+            "sweep.train_size": str(config.train_size)}
+
+
+def _same_sweep(config: SweepConfig, study, wanted: dict) -> None:
+    recorded = study.user_attrs.get(SWEEP_ATTR)
+    if recorded is None:
+        return  # its creator is still setting it up (or died doing so): set-up completes under the lock
+    different = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    if different:
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} here" for k in different[:4])
+        raise ValueError(f"--study: study {config.study!r} in {mask_url(config.storage)} was created for another "
+                         f"sweep ({shown}). Run the same options as its other workers, or another --study name.")
+
+
+@dataclasses.dataclass
+class _Worker:
+    config: SweepConfig
+    data: object
+    build: object
+    store: object
+    params: dict
+    stack_size: int
+    callbacks: tuple
+    name: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+def run_study(prepared, callbacks=()) -> dict:
+    """Works on `prepared.config.study` until no trial is left (see the module docstring).
+
+    Returns what `run_sweep` returns. The worker that finishes last ends the
+    parent run and draws the plots (`plots`); the others return the same table
+    and best λ, with `plots` empty.
+    """
+    import optuna
+
+    config = prepared.config
+    worker = _Worker(config, prepared.data, prepared.build, prepared.store, prepared.params, prepared.stack_size,
+                     tuple(callbacks))
+    storage = open_study_storage(config)
+    started = time.perf_counter()
+    with study_lock(config):
+        study, parent_id = _set_up(worker, storage)
+    runs = len(config.lambdas) * config.seeds
+    if config.verbose:
+        print(f"Study {config.study!r} in {mask_url(config.storage)}: {runs} runs ({len(config.lambdas)} lambdas x "
+              f"{config.seeds} seed(s)) on {prepared.data.name}, route {config.route}; this worker "
+              f"({worker.name}) takes {worker.stack_size} at a time. MLflow {prepared.store.tracking_uri}, parent "
+              f"run {parent_id}", flush=True)
+    mine = []
+    while True:
+        with study_lock(config):
+            optuna.storages.fail_stale_trials(study)
+            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+            trials = [study.ask() for _ in range(min(worker.stack_size, len(waiting)))]
+            ids = [trial_id(storage, config.study, trial.number) for trial in trials]
+            for trial, stored in zip(trials, ids, strict=True):
+                storage.record_heartbeat(stored)  # stale-checked from now on
+                trial.set_user_attr(WORKER_ATTR, worker.name)
+            running = trials or study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            reporter = not running and _claim_report(study, worker)
+        if trials:
+            mine += _train(worker, study, storage, dict(zip(ids, trials, strict=True)), parent_id, runs)
+        elif running:
+            time.sleep(config.heartbeat)  # another worker's trials: wait for them, or take them over if it dies
+        else:
+            break
+    return _finish(worker, study, parent_id, mine, reporter, started)
+
+
+def _set_up(worker: _Worker, storage) -> tuple:
+    """Under the lock: loads the study, or creates it; whatever its creator did not finish (the parent run, the
+    grid) is done now. Returns `(study, parent_run_id)`."""
+    import optuna
+
+    config = worker.config
+    wanted = definition(worker.params, config)
+    study = optuna.create_study(study_name=config.study, storage=storage, load_if_exists=True,
+                                direction="minimize")
+    _same_sweep(config, study, wanted)
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if parent_id is None:
+        outbox, _, parent_id = start_parent(
+            config, worker.data, worker.store, f"sweep {config.route} {len(config.lambdas)} lambdas",
+            {STUDY_TAG: config.study}, {**worker.params, "sweep.study": config.study})
+        outbox.close(config.max_delay)
+        study.set_user_attr(PARENT_ATTR, parent_id)
+    if SWEEP_ATTR not in study.user_attrs:
+        for seed in range(config.seeds):
+            for l2 in config.lambdas:
+                study.enqueue_trial({"lambda": l2, "seed": seed}, skip_if_exists=True)
+        study.set_user_attr(SWEEP_ATTR, wanted)
+    return study, parent_id
+
+
+def _claim_report(study, worker: _Worker) -> bool:
+    """Under the lock, with no trial waiting or running: whether this worker reports (the first to get here)."""
+    if REPORTER_ATTR in study.user_attrs:
+        return False
+    study.set_user_attr(REPORTER_ATTR, worker.name)
+    return True
+
+
+def trial_id(storage, study: str, number: int) -> int:
+    """The storage's id of trial `number` of `study` (what heartbeats name), through the storage's public API."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study), number)
+
+
+def _train(worker: _Worker, study, storage, taken: dict, parent_id: str, runs: int) -> list:
+    """Trains the trials taken ({storage id: trial}; a stack per seed, or one by one) while sending their
+    heartbeats; tells Optuna."""
+    config, trials = worker.config, list(taken.values())
+    points = [(trial.suggest_categorical("lambda", list(config.lambdas)),
+               trial.suggest_int("seed", 0, config.seeds - 1)) for trial in trials]
+    _end_dead_attempts(worker, storage, taken)
+    plan = RunPlan(config, worker.data, worker.build, parent_id, worker.store.tracking_uri, worker.callbacks,
+                   run_tags={point: {TRIAL_TAG: str(trial.number), STUDY_TAG: config.study}
+                             for point, trial in zip(points, trials, strict=True)})
+    stop = threading.Event()
+    beats = threading.Thread(target=_beat, args=(storage, list(taken), config.heartbeat, stop),
+                             daemon=True)
+    beats.start()
+    results = []
+    try:
+        for seed in sorted({seed for _, seed in points}):
+            group = [(trial, l2) for trial, (l2, s) in zip(trials, points, strict=True) if s == seed]
+            if config.stacked and len(group) > 1:
+                numbers = ",".join(str(trial.number) for trial, _ in group)
+                results += train_stack(plan, tuple(l2 for _, l2 in group), seed, f"[trials {numbers} of {runs}]")
+            else:
+                results += [train_one(plan, l2, seed, f"[trial {trial.number} of {runs}]") for trial, l2 in group]
+    finally:
+        stop.set()
+        beats.join()
+    for trial, point in zip(trials, points, strict=True):
+        (result,) = [r for r in results if (r["l2"], r["seed"]) == point]
+        trial.set_user_attr(RESULT_ATTR, json.loads(json.dumps(result, default=float)))
+        study.tell(trial, result["history"]["val_data_loss"][-1])
+    return results
+
+
+def _beat(storage, trial_ids: list, every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
+        for stored in trial_ids:
+            storage.record_heartbeat(stored)
+
+
+def _end_dead_attempts(worker: _Worker, storage, taken: dict) -> None:
+    """The MLflow runs of a retried trial's earlier attempts, left RUNNING by a dead worker, end KILLED."""
+    import optuna
+
+    earlier = {}
+    for stored, trial in taken.items():
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(storage.get_trial(stored))
+        earlier.update({number: trial.number for number in history})
+    if not earlier:
+        return
+    client = open_store(worker.store)
+    experiment = experiment_id(client, worker.config.experiment, worker.store)
+    for number, retry in earlier.items():
+        for run in client.search_runs([experiment], f"tags.`{STUDY_TAG}` = '{worker.config.study}' and "
+                                                    f"tags.`{TRIAL_TAG}` = '{number}' and "
+                                                    "attributes.status = 'RUNNING'"):
+            client.set_tag(run.info.run_id, "keras_l2.retried_as_trial", str(retry))
+            client.set_terminated(run.info.run_id, "KILLED")
+            if worker.config.verbose:
+                print(f"Trial {number}'s worker died: its run {run.info.run_id} ends KILLED; trial {retry} "
+                      "trains it again.", flush=True)
+
+
+def study_results(study, config: SweepConfig) -> list:
+    """Every (λ, seed)'s result from its COMPLETE trial; a ValueError naming those that have none."""
+    import optuna
+
+    results = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        result = trial.user_attrs.get(RESULT_ATTR)
+        if result is not None:
+            results[(result["l2"], result["seed"])] = result
+    missing = [(l2, seed) for seed in range(config.seeds) for l2 in config.lambdas if (l2, seed) not in results]
+    if missing:
+        shown = ", ".join(f"lambda {l2:g} seed {seed}" for l2, seed in missing[:5])
+        raise ValueError(f"study {config.study!r}: {len(missing)} run(s) did not finish ({shown}); their trials "
+                         "failed (see the workers' output). Run a worker again to retry them.")
+    return [results[(l2, seed)] for seed in range(config.seeds) for l2 in config.lambdas]
+
+
+def _finish(worker: _Worker, study, parent_id: str, mine: list, reporter: bool, started: float) -> dict:
+    config = worker.config
+    if reporter:
+        outbox, parent = reopen_parent(config, worker.store, parent_id)
+        return conclude(config, worker.data, worker.store, outbox, parent, parent_id,
+                        lambda: study_results(study, config), started)
+    summary = summarize(config, study_results(study, config))
+    who = study.user_attrs.get(REPORTER_ATTR)
+    summary["notes"] = []
+    summary["report"] = "\n".join([
+        summary["table"], f"This worker trained {len(mine)} of the runs; worker {who}, which finished last, ended "
+        f"parent run {parent_id} with the best lambda and the plots."])
+    if config.verbose:
+        print(summary["report"])
+    return {"parent_run_id": parent_id, "results": mine, "plots": [], **summary}
