@@ -4,6 +4,7 @@
     keras-l2 tune [--range 1e-4,1e2] [--route regularizer] [--model module:function] ...       the best lambda
     keras-l2 send-pending [--tracking-uri URI]                          deliver records an outage left behind
     keras-l2 team-server [--dir mlruns/team] [--host 127.0.0.1]        PostgreSQL and MLflow with auth, for --study
+    keras-l2 report --study NAME --storage URL                         a shared sweep's table and plots, so far
 
 This module imports no Keras: `check` parses and checks the command line
 before `keras_l2_cli` (the installed `keras-l2`) imports the library, so
@@ -50,6 +51,13 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     team.add_argument("--database-port", type=int, default=5433,
                       help="PostgreSQL's port (default: %(default)s, beside a system PostgreSQL's 5432)")
     team.add_argument("--study", default="my-sweep", help="the study named in the printed command")
+    report = sub.add_parser("report", help="the table, best lambda and plots of a shared sweep (--study), so far",
+                            description="Reads a study's finished runs (from the study alone: no MLflow needed, "
+                                        "workers may still be training) and prints the table and the best lambda, "
+                                        "and draws the plots.")
+    report.add_argument("--study", required=True, help="the study's name")
+    report.add_argument("--storage", required=True, help="the database holding it (as given to the workers)")
+    report.add_argument("--results-dir", default=None, help="where the plots go (default: mlruns/plots/<parent>)")
     pending = sub.add_parser("send-pending", help="deliver MLflow records saved during an outage")
     pending.add_argument("--tracking-uri", default=None,
                          help="send the records of this store only (default: of every store with records pending)")
@@ -77,6 +85,14 @@ def main(argv=None) -> int:
         return tune_command.run(args, subcommands["tune"])
     if args.command == "team-server":
         return _team_server(args)
+    if args.command == "report":
+        from keras_l2.search.study import report_study
+
+        try:
+            print(report_study(args.study, args.storage, args.results_dir)["report"])
+        except ValueError as error:
+            p.exit(2, f"keras-l2 report: error: {error}\n")
+        return 0
     if args.command == "send-pending":
         from keras_l2.tracking.resend import send_pending
 

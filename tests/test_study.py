@@ -20,7 +20,7 @@ from keras_l2.cli import main
 from keras_l2.search import SweepConfig, prepare_sweep, run_sweep
 from keras_l2.search.config import mask_url
 from keras_l2.search.postgres import find_programs
-from keras_l2.search.study import RESULT_ATTR, STUDY_TAG, SWEEP_ATTR, TRIAL_TAG, WORKER_ATTR
+from keras_l2.search.study import PRUNED_TAG, RESULT_ATTR, STUDY_TAG, SWEEP_ATTR, TRIAL_TAG, WORKER_ATTR
 from tests.helpers import user_data
 from tests.mlflow_server import free_port
 
@@ -54,6 +54,14 @@ def test_a_storage_url_is_shown_without_its_password(url, shown):
     (["--study", "s", "--storage", "sqlite:///x.db", "--heartbeat", "0.5"], "--heartbeat: seconds >= 1"),
     (["--study", "s", "--storage", "sqlite:///x.db", "--workers", "2"], "--workers: with --study, run the same"),
     (["--study", "it's", "--storage", "sqlite:///x.db"], "--study: a name of 1 to 200 letters, digits"),
+    (["--sampler", "tpe", "--trials", "4"], "--sampler tpe: proposals are shared through a study"),
+    (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "random"], "--sampler: 'random' is not one of"),
+    (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "tpe"], "--trials: --sampler tpe needs the"),
+    (["--study", "s", "--storage", "sqlite:///x.db", "--trials", "3"], "--trials: a grid trains every"),
+    (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "tpe", "--trials", "3", "--seeds", "2"],
+     "--seeds: --sampler tpe proposes one lambda per trial"),
+    (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "tpe", "--trials", "3", "--range", "1,0.1"],
+     "--range: 1,0.1 is not a range to search"),
 ])
 def test_bad_study_options_exit_with_one_line_and_create_nothing(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -91,7 +99,7 @@ def test_a_study_of_another_sweep_is_refused_before_training(tmp_path):
 
 # --- one worker, on SQLite ------------------------------------------------------------------------------------
 
-def test_a_study_trains_every_point_once_exactly_as_the_plain_sweep(tmp_path):
+def test_a_study_trains_every_point_once_exactly_as_the_plain_sweep(tmp_path, capsys):
     """Each (lambda, seed) is a COMPLETE trial whose run equals the same run of a sweep without a study."""
     data = user_data(classes=3, features=8)
     lambdas = (0.0, 1.0)
@@ -125,6 +133,16 @@ def test_a_study_trains_every_point_once_exactly_as_the_plain_sweep(tmp_path):
     assert sorted(int(r.data.tags[TRIAL_TAG]) for r in runs) == list(range(4))
     assert {r.data.tags[STUDY_TAG] for r in runs} == {"s"} and {r.info.status for r in runs} == {"FINISHED"}
 
+    capsys.readouterr()
+    assert main(["report", "--study", "s", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                 "--results-dir", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert result["table"] in printed and f"4 of 4 runs finished; parent run {result['parent_run_id']}" in printed
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(Path(p).name for p in result["plots"])
+    with pytest.raises(SystemExit) as missing:
+        main(["report", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"])
+    assert missing.value.code == 2 and "there is no study 'nope'" in capsys.readouterr().err
+
     again = run_sweep(config(tmp_path, lambdas=lambdas, seeds=2), data=data)  # a late worker: nothing is left
     assert again["results"] == [] and again["best"]["l2"] == result["best"]["l2"]
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 4
@@ -155,10 +173,13 @@ def worker_env(team, password=None) -> dict:
             "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 
 
-def worker_command(team, study: str, *extra) -> list:
+GRID = ("--lambdas", "0,0.01,0.03,0.1,0.3,1", "--seeds", "2", "--epochs", "6", "--hidden", "32", "--heartbeat", "2",
+        "--no-stacked")
+
+
+def worker_command(team, study: str, *options) -> list:
     return [sys.executable, "-m", "keras_l2.cli", "sweep", "--study", study, "--storage", team.storage,
-            "--tracking-uri", team.tracking_uri, "--experiment", study, "--lambdas", "0,0.01,0.03,0.1,0.3,1",
-            "--seeds", "2", "--epochs", "6", "--hidden", "32", "--heartbeat", "2", "--no-stacked", *extra]
+            "--tracking-uri", team.tracking_uri, "--experiment", study, *options]
 
 
 def kill_while_training(victim, study_name: str, storage, client, timeout: float = 300) -> bool:
@@ -185,7 +206,7 @@ def kill_while_training(victim, study_name: str, storage, client, timeout: float
 def test_three_workers_one_killed_train_every_point_exactly_once(team, tmp_path, monkeypatch):
     study_name = "killed-worker"
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(3)]  # noqa: SIM115 - closed below
-    workers = [subprocess.Popen(worker_command(team, study_name), cwd=tmp_path, env=worker_env(team),
+    workers = [subprocess.Popen(worker_command(team, study_name, *GRID), cwd=tmp_path, env=worker_env(team),
                                 stdout=log, stderr=subprocess.STDOUT) for log in logs]
     storage = optuna.storages.RDBStorage(team.storage)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
@@ -231,10 +252,45 @@ def test_three_workers_one_killed_train_every_point_exactly_once(team, tmp_path,
 
 @pytest.mark.multiprocess
 @needs_postgres
+def test_two_workers_share_tpe_proposals_and_pruned_runs_are_marked_in_both(team, tmp_path, monkeypatch):
+    study_name = "tpe-pruned"
+    command = worker_command(team, study_name, "--sampler", "tpe", "--trials", "8", "--range", "1e-2,1e4",
+                             "--epochs", "4", "--hidden", "32", "--learning-rate", "0.01", "--heartbeat", "2")
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=worker_env(team), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    study = optuna.load_study(study_name=study_name, storage=team.storage)
+    states = [t.state for t in study.trials]
+    pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) == 8 and len(complete) + len(pruned) == 8, states
+    assert pruned, "no trial was pruned: lambdas up to 1e4 wreck this model, the median pruner should stop some"
+    assert all(1e-2 <= t.params["lambda"] <= 1e4 for t in study.trials)
+    assert {t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1] for t in study.trials} <= {str(w.pid) for w in workers}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.password)
+    client = mlflow.MlflowClient(team.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(study_name).experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {int(r.data.tags[TRIAL_TAG]): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert sorted(children) == list(range(8))
+    assert {n for n, r in children.items() if PRUNED_TAG in r.data.tags} == pruned
+    assert {r.data.tags["sweep.seed"] for r in children.values()} == {"0"}
+    assert all(children[n].info.status == ("KILLED" if n in pruned else "FINISHED") for n in children)
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.sampler"] == "tpe"
+    assert parent.data.metrics["best_lambda"] == pytest.approx(study.best_trial.params["lambda"], rel=1e-12)
+    assert team.password not in "".join(outputs)
+
+
+@pytest.mark.multiprocess
+@needs_postgres
 def test_a_worker_with_wrong_credentials_is_refused_and_creates_nothing(team, tmp_path):
     started = time.monotonic()
-    done = subprocess.run(worker_command(team, "refused"), cwd=tmp_path, env=worker_env(team, "not-the-password"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(worker_command(team, "refused", *GRID), cwd=tmp_path,
+                          env=worker_env(team, "not-the-password"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "refused the credentials (HTTP 401)" in done.stderr and "No run was created" in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr

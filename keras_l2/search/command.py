@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shared.add_argument("--storage", default=None,
                         help="the database holding the study: postgresql://user:password@host/db (several "
                              "machines; `keras-l2 team-server` starts one) or sqlite:///path.db (one machine)")
+    shared.add_argument("--sampler", default=defaults.sampler,
+                        help="grid: train every --lambdas value (and seed) once; tpe: Optuna's TPE proposes --trials "
+                             "lambdas in --range on a log scale, and a median pruner stops the poor ones early "
+                             "(default: %(default)s)")
+    shared.add_argument("--trials", type=int, default=None, help="lambdas --sampler tpe tries, all workers together")
+    low, high = defaults.lambda_range
+    shared.add_argument("--range", default=f"{low:g},{high:g}",
+                        help="low,high: where --sampler tpe seeks lambda, 0 < low < high (default: %(default)s)")
     shared.add_argument("--heartbeat", type=float, default=defaults.heartbeat,
                         help="seconds between a worker's signs of life; a worker silent for three has its runs "
                              "trained again by another (default: %(default)s)")
@@ -100,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         lambdas=parse_lambdas(args.lambdas), seeds=args.seeds, workers=args.workers, stacked=args.stacked,
         stack_size=args.stack_size, results_dir=args.results_dir, study=args.study, storage=args.storage,
-        heartbeat=args.heartbeat, **shared_options(args))
+        heartbeat=args.heartbeat, sampler=args.sampler, trials=args.trials,
+        lambda_range=tuple(part.strip() for part in str(args.range).split(",")), **shared_options(args))
 
 
 def shared_options(args: argparse.Namespace) -> dict:

@@ -61,6 +61,9 @@ class SweepConfig:
     study: str | None = None  # the study's name; with `storage`
     storage: str | None = None  # Optuna's storage: postgresql://... (several machines) or sqlite:///... (one)
     heartbeat: float = 20.0  # seconds between a worker's signs of life; 3 missed and its runs are retried
+    sampler: str = "grid"  # "grid": every lambda of `lambdas`; "tpe": Optuna's TPE proposes `trials` lambdas
+    trials: int | None = None  # with sampler="tpe": how many lambdas it tries (the study's workers together)
+    lambda_range: tuple = (1e-4, 1e2)  # with sampler="tpe" (and `keras-l2 tune`): where lambda is sought, log scale
 
 
 def parse_lambdas(text: str) -> tuple:
@@ -111,6 +114,7 @@ def check_config(config: SweepConfig) -> SweepConfig:
 
 
 STORAGE_SCHEMES = ("postgresql", "sqlite")
+SAMPLERS = ("grid", "tpe")
 
 
 def check_study_options(config: SweepConfig) -> None:
@@ -120,6 +124,9 @@ def check_study_options(config: SweepConfig) -> None:
         raise ValueError(f"{given} needs {missing}: a shared sweep is a study name and the database that holds it, "
                          "e.g. --study my-sweep --storage postgresql://user@host/optuna")
     if config.study is None:
+        if config.sampler != "grid" or config.trials is not None:
+            raise ValueError(f"--sampler {config.sampler}: proposals are shared through a study; add --study NAME "
+                             "--storage URL (sqlite:///optuna.db on one machine)")
         return
     if not isinstance(config.study, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", config.study):
         raise ValueError(f"--study: a name of 1 to 200 letters, digits, '.', '_' or '-'. Received: {config.study!r}")
@@ -134,6 +141,20 @@ def check_study_options(config: SweepConfig) -> None:
     if config.workers != 1:
         raise ValueError(f"--workers: with --study, run the same command once per worker (on this machine or "
                          f"others); each is one worker. Received: --workers {config.workers}")
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler: {config.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if config.sampler == "grid":
+        if config.trials is not None:
+            raise ValueError("--trials: a grid trains every --lambdas value; --trials counts --sampler tpe's "
+                             f"proposals. Received: --trials {config.trials}")
+        return
+    if isinstance(config.trials, bool) or not isinstance(config.trials, int) or config.trials < 1:
+        raise ValueError(f"--trials: --sampler tpe needs the number of lambdas to try, an integer >= 1. "
+                         f"Received: {config.trials!r}")
+    if config.seeds != 1:
+        raise ValueError(f"--seeds: --sampler tpe proposes one lambda per trial, trained with seed 0; use "
+                         f"--seeds 1 (a grid repeats seeds). Received: --seeds {config.seeds}")
+    config.lambda_range = check_range(config.lambda_range)
 
 
 def mask_url(url: str) -> str:
@@ -153,7 +174,6 @@ class TuneConfig(SweepConfig):
     own: it sets them.
     """
 
-    lambda_range: tuple = (1e-4, 1e2)
     seed: int = 0
     experiment: str = "keras_l2-tune"
     log_every_n_steps: int | None = None  # stage 1's run also logs per step (its λ included); None: per epoch

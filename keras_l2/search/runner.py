@@ -131,7 +131,7 @@ def _stack_size(config: SweepConfig, build) -> tuple[int, str]:
     if not config.stacked:
         return 1, "not stacked"
     if config.study is not None:  # workers join as they come: each takes one trial at a time unless told more
-        size = min(config.stack_size or 1, len(config.lambdas))
+        size = min(config.stack_size or 1, len(config.lambdas)) if config.sampler == "grid" else 1  # TPE: 1
         return size, f"{size} trial(s) at a time, from --stack-size" if config.stack_size else "one trial at a time"
     if config.stack_size is not None:
         size = min(config.stack_size, len(config.lambdas))

@@ -41,10 +41,12 @@ def open_study_storage(config: SweepConfig):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")  # we send our own
-        return optuna.storages.RDBStorage(
-            config.storage, heartbeat_interval=beat, grace_period=3 * beat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            engine_kwargs={"pool_pre_ping": True})
+        # Workers that start together would each create Optuna's tables (one fails on the other's): one at a time.
+        with database_lock(config.storage, "tables"):
+            return optuna.storages.RDBStorage(
+                config.storage, heartbeat_interval=beat, grace_period=3 * beat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                engine_kwargs={"pool_pre_ping": True})
     except ImportError:
         raise ValueError(f"--storage: {mask_url(config.storage)} needs its database driver (and Optuna): "
                          "pip install 'keras_l2[team]'. No run or trial was created.") from None
@@ -53,31 +55,39 @@ def open_study_storage(config: SweepConfig):
                          "No run or trial was created.") from None
 
 
-@contextlib.contextmanager
 def study_lock(config: SweepConfig):
-    """One worker of the study at a time: a PostgreSQL advisory lock, or a file lock beside a SQLite database."""
-    if config.storage.startswith("sqlite"):
-        database = Path(config.storage.split(":///", 1)[1])
-        with exclusive_lock(database.with_name(f"{database.name}.{_key(config.study)}.lock")):
+    """`with study_lock(config):` one worker of the study at a time (its set-up, taking trials, the report)."""
+    return database_lock(config.storage, f"study {config.study}")
+
+
+@contextlib.contextmanager
+def database_lock(url: str, name: str):
+    """An exclusive lock named `name` among the users of database `url`: a PostgreSQL advisory lock (held by its
+    own connection, released if the holder dies), or a file lock beside a SQLite database (one machine)."""
+    key = _key(name)
+    if url.startswith("sqlite"):
+        database = Path(url.split(":///", 1)[1])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(database.with_name(f"{database.name}.{key}.lock")):
             yield
         return
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(config.storage, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _key(config.study)})
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
             try:
                 yield
             finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _key(config.study)})
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
     finally:
         engine.dispose()
 
 
 def _key(name: str) -> int:
-    """A stable signed 64-bit number for the study's name (PostgreSQL's advisory locks take a bigint)."""
-    return int.from_bytes(hashlib.sha256(f"keras_l2 study {name}".encode()).digest()[:8], "big", signed=True)
+    """A stable signed 64-bit number for a lock's name (PostgreSQL's advisory locks take a bigint)."""
+    return int.from_bytes(hashlib.sha256(f"keras_l2 {name}".encode()).digest()[:8], "big", signed=True)
 
 
 def _reason(error: Exception, url: str) -> str:
