@@ -56,7 +56,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
                                         "workers may still be training) and prints the table and the best lambda, "
                                         "and draws the plots.")
     report.add_argument("--study", required=True, help="the study's name")
-    report.add_argument("--storage", required=True, help="the database holding it (as given to the workers)")
+    report.add_argument("--storage", default=os.environ.get("KERAS_L2_STORAGE"),
+                        help="the database holding it, as the workers' (default: KERAS_L2_STORAGE)")
     report.add_argument("--results-dir", default=None, help="where the plots go (default: mlruns/plots/<parent>)")
     pending = sub.add_parser("send-pending", help="deliver MLflow records saved during an outage")
     pending.add_argument("--tracking-uri", default=None,
@@ -86,8 +87,10 @@ def main(argv=None) -> int:
     if args.command == "team-server":
         return _team_server(args)
     if args.command == "report":
-        from keras_l2.search.study import report_study
+        from keras_l2.search.study_report import report_study
 
+        if not args.storage:
+            p.exit(2, "keras-l2 report: error: --storage: give the study's database (or set KERAS_L2_STORAGE)\n")
         try:
             print(report_study(args.study, args.storage, args.results_dir)["report"])
         except ValueError as error:

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import optuna
@@ -20,7 +21,7 @@ from keras_l2.cli import main
 from keras_l2.search import SweepConfig, prepare_sweep, run_sweep
 from keras_l2.search.config import mask_url
 from keras_l2.search.postgres import find_programs
-from keras_l2.search.study import PRUNED_TAG, RESULT_ATTR, STUDY_TAG, SWEEP_ATTR, TRIAL_TAG, WORKER_ATTR
+from keras_l2.search.study_plan import PRUNED_TAG, RESULT_ATTR, STUDY_TAG, SWEEP_ATTR, TRIAL_TAG, WORKER_ATTR
 from tests.helpers import user_data
 from tests.mlflow_server import free_port
 
@@ -148,6 +149,32 @@ def test_a_study_trains_every_point_once_exactly_as_the_plain_sweep(tmp_path, ca
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 4
 
 
+class FailOnce(keras.callbacks.Callback):
+    """Raises in the first `fit` it sees: a worker whose training crashes."""
+
+    failed = False
+
+    def on_train_begin(self, logs=None):
+        if not FailOnce.failed:
+            FailOnce.failed = True
+            raise RuntimeError("the worker crashed")
+
+
+def test_a_crashed_trial_fails_and_the_next_worker_trains_its_point_again(tmp_path):
+    data = user_data(classes=3, features=8)
+    with pytest.raises(RuntimeError, match="the worker crashed"):
+        run_sweep(config(tmp_path), data=data, callbacks=[FailOnce()])
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # not left RUNNING
+
+    result = run_sweep(config(tmp_path), data=data)  # a worker started again
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert sorted(t.params["lambda"] for t in study.trials if t.state.name == "COMPLETE") == [0.0, 1.0]
+    parent = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and len(result["results"]) == 2
+
+
 # --- several workers, PostgreSQL and an MLflow server with basic auth -----------------------------------------
 
 needs_postgres = pytest.mark.skipif(find_programs() is None, reason="PostgreSQL is not installed "
@@ -170,6 +197,7 @@ def team():
 def worker_env(team, password=None) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": team.password if password is None else password,
+            "KERAS_L2_STORAGE": team.storage,
             "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 
 
@@ -178,7 +206,7 @@ GRID = ("--lambdas", "0,0.01,0.03,0.1,0.3,1", "--seeds", "2", "--epochs", "6", "
 
 
 def worker_command(team, study: str, *options) -> list:
-    return [sys.executable, "-m", "keras_l2.cli", "sweep", "--study", study, "--storage", team.storage,
+    return [sys.executable, "-m", "keras_l2.cli", "sweep", "--study", study,  # --storage: KERAS_L2_STORAGE
             "--tracking-uri", team.tracking_uri, "--experiment", study, *options]
 
 
@@ -256,6 +284,12 @@ def test_two_workers_share_tpe_proposals_and_pruned_runs_are_marked_in_both(team
     study_name = "tpe-pruned"
     command = worker_command(team, study_name, "--sampler", "tpe", "--trials", "8", "--range", "1e-2,1e4",
                              "--epochs", "4", "--hidden", "32", "--learning-rate", "0.01", "--heartbeat", "2")
+    # The user's own guesses go first (Optuna's enqueue_trial): five that train, then two that wreck the model,
+    # taken after at least three have finished, so the median pruner has something to stop; TPE proposes the 8th.
+    guesses = (0.01, 0.02, 0.03, 0.05, 0.1, 1e4, 3e3)
+    ahead = optuna.create_study(study_name=study_name, storage=team.storage, direction="minimize")
+    for l2 in guesses:
+        ahead.enqueue_trial({"lambda": l2})
     workers = [subprocess.Popen(command, cwd=tmp_path, env=worker_env(team), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
@@ -266,8 +300,9 @@ def test_two_workers_share_tpe_proposals_and_pruned_runs_are_marked_in_both(team
     pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(study.trials) == 8 and len(complete) + len(pruned) == 8, states
-    assert pruned, "no trial was pruned: lambdas up to 1e4 wreck this model, the median pruner should stop some"
-    assert all(1e-2 <= t.params["lambda"] <= 1e4 for t in study.trials)
+    assert pruned & {5, 6}, (states, [t.intermediate_values for t in study.trials])
+    assert [t.params["lambda"] for t in study.trials[:7]] == list(guesses)
+    assert 1e-2 <= study.trials[7].params["lambda"] <= 1e4  # TPE's own proposal
     assert {t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1] for t in study.trials} <= {str(w.pid) for w in workers}
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
@@ -297,6 +332,14 @@ def test_a_worker_with_wrong_credentials_is_refused_and_creates_nothing(team, tm
     assert time.monotonic() - started < 60
     assert "refused" not in optuna.get_all_study_names(team.storage)
 
+    wrong = team.storage.replace(team.postgres.password, "not-the-password")
+    done = subprocess.run(worker_command(team, "refused", *GRID), cwd=tmp_path, capture_output=True, text=True,
+                          env={**worker_env(team), "KERAS_L2_STORAGE": wrong}, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--storage: cannot open postgresql+psycopg://keras_l2:***@" in done.stderr, done.stderr
+    assert "password authentication failed" in done.stderr and "not-the-password" not in done.stderr
+    assert "refused" not in optuna.get_all_study_names(team.storage)
+
 
 @pytest.mark.multiprocess
 @needs_postgres
@@ -321,12 +364,15 @@ def test_the_team_server_command_needs_credentials_prints_no_secret_and_stops_on
             assert line, printed  # the command exited early
             printed += line
         credentials = root / "team" / "credentials.env"
-        assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+        for secret in ("credentials.env", "server-secrets.env", "basic_auth.ini", "postgres/password"):
+            assert stat.S_IMODE((root / "team" / secret).stat().st_mode) == 0o600, secret
+        assert "auth_cache_ttl_seconds = 60" in (root / "team" / "basic_auth.ini").read_text()
         values = dict(line.split("=", 1) for line in credentials.read_text().split())
-        assert f"keras-l2 sweep --study my-sweep --storage \"$KERAS_L2_STORAGE\" --tracking-uri " \
-               f"http://127.0.0.1:{port}" in printed, printed
+        assert f"keras-l2 sweep --study my-sweep --tracking-uri http://127.0.0.1:{port}" in printed, printed
         assert values["MLFLOW_TRACKING_PASSWORD"] not in printed and values["KERAS_L2_STORAGE"] not in printed
         assert f":{database_port}/optuna" in values["KERAS_L2_STORAGE"]
+        listed = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert values["KERAS_L2_STORAGE"].split("@")[0] not in listed  # no database password in the process list
         search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(search, timeout=10)

@@ -18,7 +18,12 @@ their checks), `stacked` (members trained together), `stacking` (building a
 stack), `training` (one run, one stack), `runner` (the sweep), `parent` (the parent run),
 `report` (the table and plots), `command` (the command line), and for
 `keras-l2 tune`: `hypergradient` (dL_val/dλ through one update), `tuning`
-(the two stages) and `tune_command` (its command line). Names are
+(the two stages) and `tune_command` (its command line); for one sweep shared
+by workers on several machines (`SweepConfig(study=..., storage=...)`,
+`keras-l2 sweep --study`): `study` (the workers), `study_plan`,
+`study_storage`, `study_report` (`report_study`), `pruning`, `outcome` (a
+sweep's end, shared), `postgres` and `team_server` (`start_team_server`).
+Names are
 imported on first use (PEP 562): the command line parses its options with
 `config` and `command` only, which import no Keras.
 
@@ -61,6 +66,8 @@ _EXPORTS = {
     "TuneConfig": "keras_l2.search.config",
     "prepare_tune": "keras_l2.search.tuning",
     "run_tune": "keras_l2.search.tuning",
+    "report_study": "keras_l2.search.study_report",
+    "start_team_server": "keras_l2.search.team_server",
 }
 
 __all__ = sorted(_EXPORTS)

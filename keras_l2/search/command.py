@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "trained once, by whichever worker takes it (needs --storage)")
     shared.add_argument("--storage", default=None,
                         help="the database holding the study: postgresql://user:password@host/db (several "
-                             "machines; `keras-l2 team-server` starts one) or sqlite:///path.db (one machine)")
+                             "machines; `keras-l2 team-server` starts one) or sqlite:///path.db (one machine); "
+                             "default with --study: KERAS_L2_STORAGE, which keeps the password out of the process "
+                             "list")
     shared.add_argument("--sampler", default=defaults.sampler,
                         help="grid: train every --lambdas value (and seed) once; tpe: Optuna's TPE proposes --trials "
                              "lambdas in --range on a log scale, and a median pruner stops the poor ones early "
@@ -107,7 +109,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The `SweepConfig` of parsed options; raises ValueError for malformed lambdas or widths."""
     return SweepConfig(
         lambdas=parse_lambdas(args.lambdas), seeds=args.seeds, workers=args.workers, stacked=args.stacked,
-        stack_size=args.stack_size, results_dir=args.results_dir, study=args.study, storage=args.storage,
+        stack_size=args.stack_size, results_dir=args.results_dir, study=args.study,
+        storage=args.storage or (os.environ.get("KERAS_L2_STORAGE") if args.study else None),
         heartbeat=args.heartbeat, sampler=args.sampler, trials=args.trials,
         lambda_range=tuple(part.strip() for part in str(args.range).split(",")), **shared_options(args))
 

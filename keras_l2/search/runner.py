@@ -45,7 +45,8 @@ from keras_l2.search.models import check_model, load_model_spec, mlp_function
 from keras_l2.search.outcome import conclude
 from keras_l2.search.parent import start_parent
 from keras_l2.search.stacking import default_stack_size
-from keras_l2.search.study import check_study, run_study
+from keras_l2.search.study import run_study
+from keras_l2.search.study_plan import check_study
 from keras_l2.search.training import RunPlan, train_one, train_stack
 from keras_l2.tracking.store import TrackingStore, check_reachable, resolve_store
 

@@ -32,6 +32,7 @@ from keras_l2.search.postgres import PostgresServer, free_port, start_postgres, 
 DIRECTORY = "mlruns/team"  # under the working directory, beside the embedded store
 ADMIN = "admin"
 START_TIMEOUT = 120.0
+AUTH_CACHE_SECONDS = 60
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ class TeamServer:
             f"Credentials (mode 600): {self.credentials}",
             "On each worker (copy the credentials file there; it names this machine's addresses):",
             f"  set -a; . {self.credentials}; set +a",
-            f"  keras-l2 sweep --study {study} --storage \"$KERAS_L2_STORAGE\" --tracking-uri {self.tracking_uri}",
+            f"  keras-l2 sweep --study {study} --tracking-uri {self.tracking_uri}    # --storage: $KERAS_L2_STORAGE",
         ])
 
     def stop(self) -> None:
@@ -89,8 +90,10 @@ def start_team_server(directory=DIRECTORY, host: str = "127.0.0.1", port: int = 
         password = server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
         config = directory / "basic_auth.ini"
         # Users the admin adds may create and log runs (MLflow's default is READ); auth tables in the same database.
+        # A checked password is cached for 60 s: MLflow otherwise hashes it (PBKDF2) on every request, which cost
+        # the server 4.2 s of CPU per run of a sweep here (a password change reaches every server worker in 60 s).
         write_private(config, f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = {backend}\n"
-                               f"admin_username = {ADMIN}\n"
+                               f"admin_username = {ADMIN}\nauth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         port = port or free_port(host)
         # What workers connect to: on every interface (0.0.0.0), this machine's name.
@@ -104,10 +107,11 @@ def start_team_server(directory=DIRECTORY, host: str = "127.0.0.1", port: int = 
         artifacts = directory / "artifacts"
         artifacts.mkdir(exist_ok=True)
         log = open(directory / "mlflow-server.log", "ab")  # noqa: SIM115 - owned by the process
+        # The database URL (with its password) by environment, not argument: every local user can read arguments.
         env = {**os.environ, **server_env, "MLFLOW_AUTH_CONFIG_PATH": str(config),
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+               "MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--app-name", "basic-auth",
-                   "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
+                   "--artifacts-destination", str(artifacts),
                    "--host", host, "--port", str(port), "--workers", "2"]
         process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
     except BaseException:

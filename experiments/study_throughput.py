@@ -1,0 +1,96 @@
+"""A shared sweep's throughput: 2 workers against 1 on the same 12-run grid, in interleaved rounds.
+
+It starts a team server (`keras-l2 team-server`'s PostgreSQL and MLflow with
+basic auth) in a temporary folder, then per round runs the same sweep
+(`keras-l2 sweep --study ... --storage ...`, 6 lambdas x 2 seeds, one run
+at a time per worker) as a new study with 1 worker and with 2 worker
+processes started together, in alternating order, and times each from the
+start of the first worker to the end of the last (Python and TensorFlow's
+start included: it is part of what a user waits for). The table gives the
+medians and the median of the per-round ratios 2 workers / 1 worker.
+
+Usage: `python experiments/study_throughput.py [--rounds 3] [--epochs 20]`
+(PostgreSQL must be installed: `make postgresql`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from keras_l2.search.team_server import start_team_server
+
+GRID = ("--lambdas", "0,0.01,0.03,0.1,0.3,1", "--seeds", "2")
+
+
+def sweep(team, study: str, workers: int, epochs: int, logs: Path) -> tuple:
+    """(wall seconds, the workers' CPU seconds) for `workers` processes to finish study `study` together."""
+    command = [sys.executable, "-m", "keras_l2.cli", "sweep", "--study", study,  # --storage: KERAS_L2_STORAGE
+               "--tracking-uri", team.tracking_uri, "--experiment", study, *GRID, "--epochs", str(epochs),
+               "--quiet", "--results-dir", str(logs / study)]
+    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": team.password,
+           "KERAS_L2_STORAGE": team.storage,
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cpu = _children_cpu()
+    started = time.perf_counter()
+    outputs = [open(logs / f"{study}-{i}.log", "w") for i in range(workers)]  # noqa: SIM115 - closed below
+    processes = [subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT) for out in outputs]
+    codes = [p.wait() for p in processes]
+    seconds = time.perf_counter() - started
+    for out in outputs:
+        out.close()
+    if any(codes):
+        raise RuntimeError(f"a worker of {study} failed (exit codes {codes}); see {logs}")
+    return seconds, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process' ended children (the workers, once waited; the server once stopped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per run of the default digits MLP")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="keras_l2_throughput_"))
+    os.chmod(root, 0o755)  # as root, PostgreSQL runs as its own user, who must enter the folder
+    team = start_team_server(root / "team", port=0)
+    times, cpus = {1: [], 2: []}, {1: [], 2: []}
+    try:
+        for r in range(args.rounds):
+            for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
+                seconds, cpu = sweep(team, f"round{r}-{workers}w", workers, args.epochs, root)
+                times[workers].append(seconds)
+                cpus[workers].append(cpu)
+                print(f"round {r + 1}: {workers} worker(s) {seconds:6.1f} s, workers' CPU {cpu:6.1f} s", flush=True)
+    finally:
+        before = _children_cpu()
+        team.stop()  # the MLflow server's CPU is counted once it has ended (PostgreSQL runs as a daemon: not)
+        server = _children_cpu() - before
+    ratios = [two / one for one, two in zip(times[1], times[2], strict=True)]
+    print(f"\n12 runs (6 lambdas x 2 seeds), digits MLP 64-512-512-10, {args.epochs} epochs, "
+          f"{args.rounds} interleaved rounds, {os.cpu_count()} CPUs")
+    print(f"{'workers':>8} {'median s':>9} {'ratio to 1':>11} {'workers CPU s':>14}")
+    print(f"{1:>8} {statistics.median(times[1]):>9.1f} {1.0:>11.3f} {statistics.median(cpus[1]):>14.1f}")
+    print(f"{2:>8} {statistics.median(times[2]):>9.1f} {statistics.median(ratios):>11.3f} "
+          f"{statistics.median(cpus[2]):>14.1f}")
+    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
+    runs = 2 * args.rounds * 12
+    print(f"MLflow server CPU: {server:.1f} s over {runs} runs ({server / runs:.2f} s a run)")
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
