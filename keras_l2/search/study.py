@@ -63,6 +63,9 @@ from keras_l2.search.training import RunPlan, train_one, train_stack
 from keras_l2.tracking.store import experiment_id, open_store
 
 LOG = logging.getLogger("keras_l2")
+# How often a worker with nothing to take looks again. A heartbeat's 20 s made a worker whose last run ended
+# first wait that long for the others' last runs, and stay after the sweep had ended.
+POLL_SECONDS = 1.0
 
 
 @dataclasses.dataclass
@@ -116,8 +119,8 @@ def run_study(prepared, callbacks=()) -> dict:
             reporter = not running and _claim_report(study, worker)
         if trials:
             mine += _train(worker, study, storage, taken, parent_id, runs)
-        elif running:
-            time.sleep(config.heartbeat)  # another worker's trials: wait for them, or take them over if it dies
+        elif running:  # another worker's trials: wait for them (then leave at once), or take them over if it dies
+            time.sleep(min(config.heartbeat, POLL_SECONDS))
         else:
             break
     return _finish(worker, study, parent_id, mine, reporter, started)
