@@ -57,7 +57,7 @@ from keras_l2.search.study_plan import (
     title,
     to_propose,
 )
-from keras_l2.search.study_report import study_results
+from keras_l2.search.study_report import study_results, table_config
 from keras_l2.search.study_storage import open_study_storage, study_lock
 from keras_l2.search.training import RunPlan, train_one, train_stack
 from keras_l2.tracking.store import experiment_id, open_store
@@ -157,13 +157,6 @@ def _set_up(worker: _Worker, storage) -> tuple:
                 if (l2, seed) not in alive:
                     study.enqueue_trial({"lambda": l2, "seed": seed})
     return study, parent_id
-
-
-def _table_config(config: SweepConfig, results: list) -> SweepConfig:
-    """With TPE the table's lambdas are its proposals that were not pruned."""
-    if config.sampler == "grid":
-        return config
-    return dataclasses.replace(config, lambdas=tuple(sorted(r["l2"] for r in results)))
 
 
 def _claim_report(study, worker: _Worker) -> bool:
@@ -277,13 +270,13 @@ def _finish(worker: _Worker, study, parent_id: str, mine: list, reporter: bool, 
             except BaseException:
                 end_parent(outbox, parent, [], "FAILED", config.max_delay)
                 raise
-            return conclude(_table_config(config, results), worker.data, worker.store, outbox, parent, parent_id,
+            return conclude(table_config(config, results), worker.data, worker.store, outbox, parent, parent_id,
                             lambda: results, started)
         except BaseException:
             study.set_user_attr(REPORTER_ATTR, "")  # the parent ended FAILED; a later worker may end it again
             raise
     results = study_results(study, config)
-    config = _table_config(config, results)
+    config = table_config(config, results)
     summary = summarize(config, results)
     who = study.user_attrs.get(REPORTER_ATTR)
     summary["notes"] = []

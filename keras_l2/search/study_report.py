@@ -6,6 +6,8 @@ Example: see `tests/test_study.py` (`keras-l2 report` after a study's sweep).
 
 from __future__ import annotations
 
+import dataclasses
+
 from keras_l2.search.config import SweepConfig, mask_url
 from keras_l2.search.outcome import results_dir
 from keras_l2.search.report import best_lines, draw_plots, summarize
@@ -13,8 +15,8 @@ from keras_l2.search.study_plan import PARENT_ATTR, RESULT_ATTR, SWEEP_ATTR
 from keras_l2.search.study_storage import open_study_storage
 
 
-def study_results(study, config: SweepConfig) -> list:
-    """Every (λ, seed)'s result from its COMPLETE trial; a ValueError naming those that have none."""
+def finished_results(study) -> dict:
+    """{(λ, seed): result} of the study's COMPLETE trials (each keeps its run's result as a user attribute)."""
     import optuna
 
     results = {}
@@ -22,6 +24,12 @@ def study_results(study, config: SweepConfig) -> list:
         result = trial.user_attrs.get(RESULT_ATTR)
         if result is not None:
             results[(result["l2"], result["seed"])] = result
+    return results
+
+
+def study_results(study, config: SweepConfig) -> list:
+    """Every (λ, seed)'s result from its COMPLETE trial; a ValueError naming those that have none."""
+    results = finished_results(study)
     if config.sampler == "tpe":
         return list(results.values())
     missing = [(l2, seed) for seed in range(config.seeds) for l2 in config.lambdas if (l2, seed) not in results]
@@ -30,6 +38,12 @@ def study_results(study, config: SweepConfig) -> list:
         raise ValueError(f"study {config.study!r}: {len(missing)} run(s) did not finish ({shown}); their trials "
                          "failed (see the workers' output). A worker started again enqueues them once more.")
     return [results[(l2, seed)] for seed in range(config.seeds) for l2 in config.lambdas]
+
+
+def table_config(config: SweepConfig, results: list) -> SweepConfig:
+    """`config` with the lambdas of `results`: with TPE its proposals that were not pruned; in a report while
+    workers train, the grid's lambdas that have finished."""
+    return dataclasses.replace(config, lambdas=tuple(sorted({r["l2"] for r in results})))
 
 
 def report_study(study: str, storage: str, plots_dir: str | None = None) -> dict:
@@ -49,15 +63,14 @@ def report_study(study: str, storage: str, plots_dir: str | None = None) -> dict
                          "worker is still setting it up)")
     config.seeds, config.route = int(recorded["sweep.seeds"]), recorded["sweep.route"]
     config.sampler = recorded.get("sweep.sampler", "grid")
-    finished = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE and RESULT_ATTR in t.user_attrs]
-    results = [t.user_attrs[RESULT_ATTR] for t in finished]
-    if not results:
-        raise ValueError(f"--study: no run of study {study!r} has finished yet")
-    config.lambdas = tuple(sorted({r["l2"] for r in results}))
+    finished = finished_results(loaded)
+    results = list(finished.values())
     if config.sampler == "grid":  # only lambdas every seed has finished
-        config.lambdas = tuple(l2 for l2 in config.lambdas
-                               if sum(r["l2"] == l2 for r in results) == config.seeds)
-        results = [r for r in results if r["l2"] in config.lambdas]
+        results = [r for r in results if sum((r["l2"], seed) in finished for seed in range(config.seeds))
+                   == config.seeds]
+    if not results:
+        raise ValueError(f"--study: no lambda of study {study!r} has finished (on every seed) yet")
+    config = table_config(config, results)
     summary = summarize(config, results)
     parent_id = loaded.user_attrs.get(PARENT_ATTR, "unknown")
     plots = draw_plots(config, results, summary, results_dir(config, parent_id))
