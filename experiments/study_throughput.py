@@ -1,4 +1,4 @@
-"""A shared sweep's throughput: 2 workers against 1 on the same 12-run grid, in interleaved rounds.
+"""A shared sweep's throughput: 2 workers (with and without --threads) against 1 on the same 12-run grid.
 
 It starts a team server (`keras-l2 team-server`'s PostgreSQL and MLflow with
 basic auth) in a temporary folder, then per round runs the same sweep
@@ -6,8 +6,11 @@ basic auth) in a temporary folder, then per round runs the same sweep
 at a time per worker) as a new study with 1 worker and with 2 worker
 processes started together, in alternating order, and times each from the
 start of the first worker to the end of the last (Python and TensorFlow's
-start included: it is part of what a user waits for). The table gives the
-medians and the median of the per-round ratios 2 workers / 1 worker.
+start included: it is part of what a user waits for). Three variants per
+round, in rotating order: 1 worker with the backend's own threads (all
+cores), 2 workers with theirs, and 2 workers with `--threads` cores / 2
+each (what the README suggests for several workers on one machine). The
+table gives the medians and the median of the per-round ratios to 1 worker.
 
 Usage: `python experiments/study_throughput.py [--rounds 3] [--epochs 20]`
 (PostgreSQL must be installed: `make postgresql`).
@@ -31,11 +34,11 @@ from keras_l2.search.team_server import start_team_server
 GRID = ("--lambdas", "0,0.01,0.03,0.1,0.3,1", "--seeds", "2")
 
 
-def sweep(team, study: str, workers: int, epochs: int, logs: Path) -> tuple:
+def sweep(team, study: str, workers: int, epochs: int, logs: Path, options: list) -> tuple:
     """(wall seconds, the workers' CPU seconds) for `workers` processes to finish study `study` together."""
     command = [sys.executable, "-m", "keras_l2.cli", "sweep", "--study", study,  # --storage: KERAS_L2_STORAGE
                "--tracking-uri", team.tracking_uri, "--experiment", study, *GRID, "--epochs", str(epochs),
-               "--quiet", "--results-dir", str(logs / study)]
+               "--quiet", "--results-dir", str(logs / study), *options]
     env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": team.password,
            "KERAS_L2_STORAGE": team.storage,
            "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -52,6 +55,12 @@ def sweep(team, study: str, workers: int, epochs: int, logs: Path) -> tuple:
     return seconds, _children_cpu() - cpu
 
 
+def variants() -> dict:
+    """{name: (workers, extra options)}: 1 worker, 2 workers, 2 workers sharing the cores with --threads."""
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    return {"1 worker": (1, []), "2 workers": (2, []), f"2 workers, --threads {share}": (2, ["--threads", share])}
+
+
 def _children_cpu() -> float:
     """CPU seconds of this process' ended children (the workers, once waited; the server once stopped)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -66,27 +75,30 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="keras_l2_throughput_"))
     os.chmod(root, 0o755)  # as root, PostgreSQL runs as its own user, who must enter the folder
     team = start_team_server(root / "team", port=0)
-    times, cpus = {1: [], 2: []}, {1: [], 2: []}
+    kinds = variants()
+    times, cpus = {name: [] for name in kinds}, {name: [] for name in kinds}
     try:
         for r in range(args.rounds):
-            for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
-                seconds, cpu = sweep(team, f"round{r}-{workers}w", workers, args.epochs, root)
-                times[workers].append(seconds)
-                cpus[workers].append(cpu)
-                print(f"round {r + 1}: {workers} worker(s) {seconds:6.1f} s, workers' CPU {cpu:6.1f} s", flush=True)
+            names = list(kinds)
+            for name in names[r % 3:] + names[:r % 3]:
+                workers, options = kinds[name]
+                seconds, cpu = sweep(team, f"round{r}-{len(times[name])}-{workers}w{len(options)}", workers,
+                                     args.epochs, root, options)
+                times[name].append(seconds)
+                cpus[name].append(cpu)
+                print(f"round {r + 1}: {name:<24} {seconds:6.1f} s, workers' CPU {cpu:6.1f} s", flush=True)
     finally:
         before = _children_cpu()
         team.stop()  # the MLflow server's CPU is counted once it has ended (PostgreSQL runs as a daemon: not)
         server = _children_cpu() - before
-    ratios = [two / one for one, two in zip(times[1], times[2], strict=True)]
     print(f"\n12 runs (6 lambdas x 2 seeds), digits MLP 64-512-512-10, {args.epochs} epochs, "
-          f"{args.rounds} interleaved rounds, {os.cpu_count()} CPUs")
-    print(f"{'workers':>8} {'median s':>9} {'ratio to 1':>11} {'workers CPU s':>14}")
-    print(f"{1:>8} {statistics.median(times[1]):>9.1f} {1.0:>11.3f} {statistics.median(cpus[1]):>14.1f}")
-    print(f"{2:>8} {statistics.median(times[2]):>9.1f} {statistics.median(ratios):>11.3f} "
-          f"{statistics.median(cpus[2]):>14.1f}")
-    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
-    runs = 2 * args.rounds * 12
+          f"{args.rounds} interleaved rounds, {len(os.sched_getaffinity(0))} CPUs")
+    print(f"{'variant':<24} {'median s':>9} {'ratio to 1 worker':>18} {'workers CPU s':>14}  per-round ratios")
+    for name in kinds:
+        ratios = [mine / one for one, mine in zip(times["1 worker"], times[name], strict=True)]
+        print(f"{name:<24} {statistics.median(times[name]):>9.1f} {statistics.median(ratios):>18.3f} "
+              f"{statistics.median(cpus[name]):>14.1f}  {', '.join(f'{x:.3f}' for x in ratios)}")
+    runs = len(kinds) * args.rounds * 12
     print(f"MLflow server CPU: {server:.1f} s over {runs} runs ({server / runs:.2f} s a run)")
     shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -2,6 +2,7 @@
 
     keras-l2 sweep [--lambdas 0,1e-3,1e-2] [--route regularizer] [--model module:function] ...   a lambda sweep
     keras-l2 tune [--range 1e-4,1e2] [--route regularizer] [--model module:function] ...       the best lambda
+    keras-l2 tune --study NAME --storage URL [--trials 8] ...          the best lambda, TPE across workers
     keras-l2 send-pending [--tracking-uri URI]                          deliver records an outage left behind
     keras-l2 team-server [--dir mlruns/team] [--host 127.0.0.1]        PostgreSQL and MLflow with auth, for --study
     keras-l2 report --study NAME --storage URL                         a shared sweep's table and plots, so far

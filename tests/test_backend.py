@@ -4,11 +4,16 @@ A Keras release that moves one of them fails here, with a message naming
 what moved, rather than somewhere deep inside a route or the logger.
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 
 from keras_l2 import backend
+from keras_l2.backend import host
 from tests.helpers import data, mlp
 
 pytestmark = pytest.mark.core
@@ -115,5 +120,46 @@ def test_the_loss_tracker_and_compiled_metrics_are_what_keras_logs():
 
 
 def test_free_memory_is_a_positive_number_of_bytes_and_a_place():
-    free, where = backend.free_memory()
+    free, where = host.free_memory()
     assert isinstance(free, int) and free > 0 and where
+
+
+LIMIT_THREADS = """
+from keras_l2 import backend
+from keras_l2.backend import host
+try:
+    host.limit_threads(1)
+except ValueError as error:
+    print("refused:", error)
+    raise SystemExit
+import keras
+keras.ops.sum(keras.ops.ones((64, 64)) @ keras.ops.ones((64, 64)))  # the runtime starts with its threads
+if backend.name() == "tensorflow":
+    import tensorflow as tf
+    print("threads:", tf.config.threading.get_intra_op_parallelism_threads(),
+          tf.config.threading.get_inter_op_parallelism_threads())
+else:
+    import torch
+    print("threads:", torch.get_num_threads(), torch.get_num_interop_threads())
+host.limit_threads(1)  # the same count again: fine
+try:
+    host.limit_threads(2)
+except ValueError as error:
+    print("later:", error)
+"""
+
+
+def test_limit_threads_caps_the_backends_threads_or_says_what_to_do(tmp_path):
+    """In a fresh process (the runtime's pools are fixed when it starts): TensorFlow and PyTorch run with the cap;
+    a later, different cap on TensorFlow and any cap on JAX are refused with what to do instead."""
+    script = tmp_path / "limit.py"
+    script.write_text(LIMIT_THREADS)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=True).stdout
+    if backend.name() == "jax":
+        assert "refused: --threads: JAX sizes its thread pool" in out and "taskset -c 0-0" in out
+        return
+    assert "threads: 1 1" in out
+    later = {"tensorflow": "later: --threads: TensorFlow has started with (intra-op, inter-op) threads (1, 1)",
+             "torch": "later: --threads: PyTorch's inter-op pool has started with 1 threads"}
+    assert later[backend.name()] in out, out

@@ -19,9 +19,18 @@ import pytest
 
 from keras_l2.cli import main
 from keras_l2.search import SweepConfig, prepare_sweep, run_sweep
-from keras_l2.search.config import mask_url
+from keras_l2.search.config import TuneConfig, check_tune_config, mask_url
 from keras_l2.search.postgres import find_programs
-from keras_l2.search.study_plan import PRUNED_TAG, RESULT_ATTR, STUDY_TAG, SWEEP_ATTR, TRIAL_TAG, WORKER_ATTR
+from keras_l2.search.study_plan import (
+    PRUNED_TAG,
+    RESULT_ATTR,
+    STUDY_TAG,
+    SWEEP_ATTR,
+    TRIAL_TAG,
+    WORKER_ATTR,
+    sampling,
+    startup_lambdas,
+)
 from tests.helpers import user_data
 from tests.mlflow_server import free_port
 
@@ -57,7 +66,7 @@ def test_a_storage_url_is_shown_without_its_password(url, shown):
     (["--study", "it's", "--storage", "sqlite:///x.db"], "--study: a name of 1 to 200 letters, digits"),
     (["--sampler", "tpe", "--trials", "4"], "--sampler tpe: proposals are shared through a study"),
     (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "random"], "--sampler: 'random' is not one of"),
-    (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "tpe"], "--trials: --sampler tpe needs the"),
+    (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "tpe"], "--trials: TPE needs the number of lambdas"),
     (["--study", "s", "--storage", "sqlite:///x.db", "--trials", "3"], "--trials: a grid trains every"),
     (["--study", "s", "--storage", "sqlite:///x.db", "--sampler", "tpe", "--trials", "3", "--seeds", "2"],
      "--seeds: --sampler tpe proposes one lambda per trial"),
@@ -66,12 +75,35 @@ def test_a_storage_url_is_shown_without_its_password(url, shown):
 ])
 def test_bad_study_options_exit_with_one_line_and_create_nothing(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KERAS_L2_STORAGE", raising=False)  # --storage's default
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", *argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and message in err, err
     assert "hunter2" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trials", "5"], "--trials: counts the lambdas a shared tune (--study NAME --storage URL) tries"),
+    (["--study", "t"], "--study needs --storage"),
+    (["--study", "t", "--storage", "sqlite:///x.db", "--seed", "1"], "--seed: a shared tune (--study) trains"),
+    (["--study", "t", "--storage", "sqlite:///x.db", "--threads", "0"], "--threads: an integer >= 1"),
+    (["--study", "t", "--storage", "sqlite:///x.db", "--log-every-n-steps", "2"],
+     "--log-every-n-steps: logs the one-machine tune's first stage"),
+    (["--study", "t", "--storage", "sqlite:///x.db", "--trials", "0"], "--trials: TPE needs the number of lambdas"),
+    (["--study", "t", "--storage", "sqlite:///x.db", "--range", "0,1"], "--range: 0,1 is not a range to search"),
+])
+def test_bad_shared_tune_options_exit_with_one_line_and_create_nothing(argv, message, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KERAS_L2_STORAGE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -147,6 +179,46 @@ def test_a_study_trains_every_point_once_exactly_as_the_plain_sweep(tmp_path, ca
     again = run_sweep(config(tmp_path, lambdas=lambdas, seeds=2), data=data)  # a late worker: nothing is left
     assert again["results"] == [] and again["best"]["l2"] == result["best"]["l2"]
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 4
+
+
+def test_a_shared_tune_spreads_its_first_lambdas_over_the_range_then_tpe_proposes(tmp_path, monkeypatch, capsys):
+    """`keras-l2 tune --study`: TPE over --range; its first lambdas are the centres of equal thirds of the range
+    (in log scale), not random draws; the answer is the best finished trial's lambda."""
+    monkeypatch.chdir(tmp_path)
+    x, y, x_val, y_val = user_data(classes=3, features=8)
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=y, x_val=x_val, y_val=y_val)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert main(["tune", "--study", "t", "--storage", storage, "--trials", "4", "--range", "1e-3,10",
+                 "--data", str(tmp_path / "data.npz"), "--hidden", "16", "--epochs", "3", "--batch-size", "16",
+                 "--learning-rate", "0.01", "--heartbeat", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    study = optuna.load_study(study_name="t", storage=storage)
+    lambdas = [t.params["lambda"] for t in study.trials]
+    assert len(lambdas) == 4
+    np.testing.assert_allclose(lambdas[:3], [10 ** (-3 + 4 * (i + 0.5) / 3) for i in range(3)], rtol=1e-12)
+    assert 1e-3 <= lambdas[3] <= 10 and lambdas[3] not in lambdas[:3]
+    # ... and TPE's own, not a random draw: its random start is the spread
+    tpe = TuneConfig(study="t", storage=storage, trials=4, lambda_range=(1e-3, 10))
+    assert sampling(check_tune_config(tpe))["sampler"]._n_startup_trials == 3
+    assert (tpe.sampler, tpe.trials) == ("grid", 4)  # the caller's config is left as it was
+    assert startup_lambdas(tpe) == pytest.approx(lambdas[:3], rel=1e-12)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert result["best_lambda"] == min(complete, key=lambda t: t.value).params["lambda"]
+    assert result["best_val_data_loss"] == min(t.value for t in complete)
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    parent = client.get_run(result["parent_run_id"])
+    assert client.get_experiment(parent.info.experiment_id).name == "keras_l2-tune"
+    assert parent.data.tags["tune"] == "true" and parent.info.run_name == "tune regularizer t"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4  # in the tune's experiment, with their parent
+    assert (parent.data.params["sweep.sampler"], parent.data.params["sweep.trials"],
+            parent.data.params["sweep.range"]) == ("tpe", "4", "0.001,10")
+    assert parent.data.metrics["best_lambda"] == result["best_lambda"]
+    assert result["plots"] and all(Path(p).resolve().parent == tmp_path / "mlruns" / "plots" / result["parent_run_id"]
+                                   and Path(p).exists() for p in result["plots"])
 
 
 class FailOnce(keras.callbacks.Callback):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from keras_l2 import search as sweep
+from keras_l2.backend import host
 from keras_l2.cli import main
 from keras_l2.search.report import best_lines
-from tests.helpers import reset_keras
+from tests.helpers import reset_keras, user_data
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDAS = (0.0, 0.03, 0.3, 3.0)
@@ -112,6 +113,7 @@ def _cli_error(capsys, *args):
         (["--route", "l1"], "unknown route 'l1'"),
         (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
         (["--epochs", "0"], "--epochs"),
+        (["--threads", "0"], "--threads: an integer >= 1 (CPU threads per training process). Received: 0"),
         (["--hidden", "a,b"], "--hidden"),
         (["--tracking-uri", "nonsense"], "Unsupported MLflow tracking URI"),
     ],
@@ -208,14 +210,14 @@ def _count(store_uri, experiment):
 
 @pytest.mark.multiprocess
 def test_two_workers_and_two_concurrent_sweeps_lose_nothing(tmp_path):
-    # A brand-new store, opened by two sweeps at once, one of them with two workers.
+    # A brand-new store, opened by two sweeps at once, one of them with two workers (a thread each).
     store = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     common = ["--lambdas", "0,0.1,1", "--epochs", "3", "--hidden", "16,16", "--tracking-uri", store,
               "--experiment", "concurrent", "--quiet"]
     sweeps = [
         subprocess.Popen([sys.executable, str(ROOT / "experiments" / "sweep.py"), *common, "--workers", "2",
-                          "--results-dir", str(tmp_path / "a")], env=env, cwd=tmp_path,
+                          "--threads", "1", "--results-dir", str(tmp_path / "a")], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         subprocess.Popen([sys.executable, "-m", "keras_l2.cli", "sweep", *common, "--seeds", "2",
                           "--results-dir", str(tmp_path / "b")], env=env, cwd=tmp_path,
@@ -230,3 +232,15 @@ def test_two_workers_and_two_concurrent_sweeps_lose_nothing(tmp_path):
     assert len(parents) == 2 and len(children) == 3 + 3 * 2
     assert all(r.info.status == "FINISHED" for r in runs)
     assert points == len(children) * 3  # every epoch of every child, once
+
+
+def test_threads_reach_the_backend_when_the_sweep_is_prepared(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(host, "limit_threads", calls.append)
+    config = sweep.SweepConfig(lambdas=(0.0,), hidden=(8,), epochs=1, verbose=0, threads=1,
+                               tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep.prepare_sweep(config, data=user_data())
+    assert calls == [1]
+    sweep.prepare_sweep(sweep.SweepConfig(lambdas=(0.0,), hidden=(8,), epochs=1, verbose=0,
+                                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), data=user_data())
+    assert calls == [1]  # no --threads: the backend keeps its own

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 
 import keras
 import numpy as np
@@ -226,22 +225,6 @@ def own_optimizer_variables(optimizer) -> list:
 def optimizer_trainable_variables(optimizer) -> list:
     """The model variables an optimizer was built for."""
     return optimizer._trainable_variables
-
-
-def free_memory() -> tuple[int, str]:
-    """Bytes free now where the weights live, and where that is: the first GPU (JAX, PyTorch), else the host."""
-    if name() == "jax":
-        import jax
-
-        stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
-        if stats and "bytes_limit" in stats:
-            return stats["bytes_limit"] - stats.get("bytes_in_use", 0), str(jax.devices()[0])
-    if name() == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.mem_get_info()[0], "cuda:0"
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this host"
 
 
 # -------------------------------------------------- compiled step functions

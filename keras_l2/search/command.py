@@ -42,14 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", default=defaults.results_dir,
                    help=f"where the plots go (default: {RESULTS_DIR}/<parent run id>)")
     shared = p.add_argument_group("a sweep shared by several workers (machines or processes)")
-    shared.add_argument("--study", default=None,
-                        help="the Optuna study's name: every worker runs the same command, each (lambda, seed) is "
-                             "trained once, by whichever worker takes it (needs --storage)")
-    shared.add_argument("--storage", default=None,
-                        help="the database holding the study: postgresql://user:password@host/db (several "
-                             "machines; `keras-l2 team-server` starts one) or sqlite:///path.db (one machine); "
-                             "default with --study: KERAS_L2_STORAGE, which keeps the password out of the process "
-                             "list")
+    add_study_arguments(shared, defaults, "each (lambda, seed) is trained once, by whichever worker takes it")
     shared.add_argument("--sampler", default=defaults.sampler,
                         help="grid: train every --lambdas value (and seed) once; tpe: Optuna's TPE proposes --trials "
                              "lambdas in --range on a log scale, and a median pruner stops the poor ones early "
@@ -58,9 +51,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     low, high = defaults.lambda_range
     shared.add_argument("--range", default=f"{low:g},{high:g}",
                         help="low,high: where --sampler tpe seeks lambda, 0 < low < high (default: %(default)s)")
-    shared.add_argument("--heartbeat", type=float, default=defaults.heartbeat,
-                        help="seconds between a worker's signs of life; a worker silent for three has its runs "
-                             "trained again by another (default: %(default)s)")
+
+
+def add_study_arguments(group, defaults: SweepConfig, what: str) -> None:
+    """`--study`, `--storage` and `--heartbeat`, which `sweep` and `tune` share; `what` says what a study does."""
+    group.add_argument("--study", default=None,
+                       help=f"the Optuna study's name: every worker runs the same command; {what} (needs --storage)")
+    group.add_argument("--storage", default=None,
+                       help="the database holding the study: postgresql://user:password@host/db (several "
+                            "machines; `keras-l2 team-server` starts one) or sqlite:///path.db (one machine); "
+                            "default with --study: KERAS_L2_STORAGE, which keeps the password out of the process "
+                            "list")
+    group.add_argument("--heartbeat", type=float, default=defaults.heartbeat,
+                       help="seconds between a worker's signs of life; a worker silent for three has its runs "
+                            "trained again by another (default: %(default)s)")
 
 
 def add_shared_arguments(p: argparse.ArgumentParser, defaults: SweepConfig) -> None:
@@ -80,6 +84,9 @@ def add_shared_arguments(p: argparse.ArgumentParser, defaults: SweepConfig) -> N
     p.add_argument("--hidden", default=",".join(map(str, defaults.hidden)),
                    help="hidden widths of the built-in MLP (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per run (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per training process (TensorFlow, PyTorch); several workers on one machine "
+                        "run faster with cores / workers each (default: the backend's own, all cores)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     p.add_argument("--dataset", default=defaults.dataset,
                    help=f"a bundled data set: {', '.join(DATASETS)} (default: %(default)s)")
@@ -109,10 +116,15 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The `SweepConfig` of parsed options; raises ValueError for malformed lambdas or widths."""
     return SweepConfig(
         lambdas=parse_lambdas(args.lambdas), seeds=args.seeds, workers=args.workers, stacked=args.stacked,
-        stack_size=args.stack_size, results_dir=args.results_dir, study=args.study,
-        storage=args.storage or (os.environ.get("KERAS_L2_STORAGE") if args.study else None),
-        heartbeat=args.heartbeat, sampler=args.sampler, trials=args.trials,
-        lambda_range=tuple(part.strip() for part in str(args.range).split(",")), **shared_options(args))
+        stack_size=args.stack_size, results_dir=args.results_dir, sampler=args.sampler, trials=args.trials,
+        lambda_range=tuple(part.strip() for part in str(args.range).split(",")), **study_options(args),
+        **shared_options(args))
+
+
+def study_options(args: argparse.Namespace) -> dict:
+    """The values of `add_study_arguments`' options, as config fields (the storage from KERAS_L2_STORAGE)."""
+    return dict(study=args.study, heartbeat=args.heartbeat,
+                storage=args.storage or (os.environ.get("KERAS_L2_STORAGE") if args.study else None))
 
 
 def shared_options(args: argparse.Namespace) -> dict:
@@ -120,6 +132,7 @@ def shared_options(args: argparse.Namespace) -> dict:
     return dict(
         route=args.route, optimizer=args.optimizer, learning_rate=args.learning_rate, layers=args.layers,
         hidden=_widths(args.hidden), epochs=args.epochs, batch_size=args.batch_size, train_size=args.train_size,
+        threads=args.threads,
         dataset=args.dataset, data=args.data, model=args.model, tracking_uri=args.tracking_uri,
         experiment=args.experiment, allow_unseen_classes=args.allow_unseen_classes,
         verbose=0 if args.quiet or args.json else 1)

@@ -44,6 +44,7 @@ class SweepConfig:
     batch_size: int = 32
     seeds: int = 1
     workers: int = 1
+    threads: int | None = None  # CPU threads per training process; None: the backend's own (all cores)
     stacked: bool = True  # every lambda of a seed trained together, in one compiled model (see search.stacked)
     stack_size: int | None = None  # members per stack; None: as many as the free memory allows
     train_size: int | None = None  # bundled data set examples to train on; None: its default (digits 200, wine 60)
@@ -93,6 +94,9 @@ def check_config(config: SweepConfig) -> SweepConfig:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= 1. Received: {value!r}")
+    if config.threads is not None and (isinstance(config.threads, bool) or not isinstance(config.threads, int)
+                                       or config.threads < 1):
+        raise ValueError(f"--threads: an integer >= 1 (CPU threads per training process). Received: {config.threads!r}")
     if not isinstance(config.stacked, bool):
         raise ValueError(f"stacked: True or False. Received: {config.stacked!r}")
     if config.stack_size is not None and (isinstance(config.stack_size, bool) or not isinstance(
@@ -114,6 +118,8 @@ def check_config(config: SweepConfig) -> SweepConfig:
 
 
 STORAGE_SCHEMES = ("postgresql", "sqlite")
+# A shared tune's default budget: 3 lambdas spread over the range, then 5 of TPE (see study_plan.startup_lambdas).
+SHARED_TUNE_TRIALS = 8
 SAMPLERS = ("grid", "tpe")
 
 
@@ -149,7 +155,7 @@ def check_study_options(config: SweepConfig) -> None:
                              f"proposals. Received: --trials {config.trials}")
         return
     if isinstance(config.trials, bool) or not isinstance(config.trials, int) or config.trials < 1:
-        raise ValueError(f"--trials: --sampler tpe needs the number of lambdas to try, an integer >= 1. "
+        raise ValueError(f"--trials: TPE needs the number of lambdas to try, an integer >= 1. "
                          f"Received: {config.trials!r}")
     if config.seeds != 1:
         raise ValueError(f"--seeds: --sampler tpe proposes one lambda per trial, trained with seed 0; use "
@@ -171,7 +177,11 @@ class TuneConfig(SweepConfig):
     """A sweep's options (data, model, route, layers, optimizer, epochs, tracking) and the range λ is sought in.
 
     `lambdas`, `seeds`, `workers`, `stacked` and `stack_size` are the tuner's
-    own: it sets them.
+    own: it sets them. With `study` and `storage` the tune is shared by
+    workers on several machines: Optuna's TPE proposes `trials` lambdas in
+    the range (default `SHARED_TUNE_TRIALS`), each trained with seed 0 (see
+    `keras_l2.search.study`), instead of the two stages, which are one
+    machine's sequence of runs.
     """
 
     seed: int = 0
@@ -196,12 +206,25 @@ def check_tune_config(config: TuneConfig) -> TuneConfig:
     """Checks a tune's options (its range and seed, then the sweep's) and sets what the tuner decides itself."""
     if not isinstance(config, TuneConfig):
         raise ValueError(f"tune: expected a TuneConfig. Received: {type(config).__name__}")
+    config = dataclasses.replace(config)  # what the tuner sets (its lambdas, a study's sampler) stays off the caller's
     config.lambda_range = check_range(config.lambda_range)
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise ValueError(f"--seed: an integer >= 0. Received: {config.seed!r}")
     steps = config.log_every_n_steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"--log-every-n-steps: an integer >= 1. Received: {steps!r}")
+    if config.study is None and config.trials is not None:
+        raise ValueError(f"--trials: counts the lambdas a shared tune (--study NAME --storage URL) tries; a tune on "
+                         f"one machine chooses its own runs. Received: --trials {config.trials}")
+    if config.study is not None:
+        if config.seed != 0:
+            raise ValueError(f"--seed: a shared tune (--study) trains every lambda with seed 0, as `keras-l2 sweep "
+                             f"--sampler tpe` does (allowed: 0, or leave it out). Received: --seed {config.seed}")
+        if steps is not None:
+            raise ValueError(f"--log-every-n-steps: logs the one-machine tune's first stage, which a shared tune "
+                             f"(--study) does not have (its runs log per epoch). Received: --log-every-n-steps {steps}")
+        config.sampler = "tpe"
+        config.trials = SHARED_TUNE_TRIALS if config.trials is None else config.trials
     # The tuner chooses its lambdas as it goes; this one (its start) stands for them in the sweep's checks.
     middle = float(f"{math.sqrt(config.lambda_range[0] * config.lambda_range[1]):.6g}")
     config.lambdas, config.seeds, config.workers, config.stacked = (middle,), 1, 1, True

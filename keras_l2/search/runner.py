@@ -38,6 +38,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from keras_l2.backend import host
 from keras_l2.search.config import SweepConfig, check_config
 from keras_l2.search.data import DatasetData, SweepData, as_sweep_data, check_classes, load_npz
 from keras_l2.search.datasets import bundled
@@ -78,6 +79,8 @@ def run_sweep(config: SweepConfig | None = None, model: Callable | None = None, 
 def prepare_sweep(config: SweepConfig | None = None, model: Callable | None = None, data=None) -> PreparedSweep:
     """Checks everything `run_sweep` takes (same arguments) and creates nothing; `.run()` runs the sweep."""
     config = check_config(config if config is not None else SweepConfig())
+    if config.threads is not None:  # before the data and the model: the backend's first ops fix its thread pools
+        host.limit_threads(config.threads)
     data = _resolve_data(config, data)
     build = _resolve_model(config, model, data)
     if config.workers > 1 and isinstance(data, DatasetData):
@@ -208,7 +211,7 @@ def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:
 
     context = multiprocessing.get_context("spawn")  # never fork a process that has TensorFlow threads
     with concurrent.futures.ProcessPoolExecutor(plan.config.workers, mp_context=context,
-                                                initializer=_quiet_worker) as pool:
+                                                initializer=_quiet_worker, initargs=(plan.config.threads,)) as pool:
         futures = [pool.submit(_train, plan, lambdas, seed, f"[{index + 1}/{len(jobs)}]")
                    for index, (lambdas, seed) in enumerate(jobs)]
         for future in concurrent.futures.as_completed(futures):
@@ -217,8 +220,10 @@ def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:
     return sorted(results, key=lambda r: (r["seed"], r["l2"]))
 
 
-def _quiet_worker():
+def _quiet_worker(threads: int | None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if threads is not None:
+        host.limit_threads(threads)
 
 
 def _report(verbose, done, total, started):

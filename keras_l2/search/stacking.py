@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_l2 import backend
 from keras_l2._checks import check_lambdas
+from keras_l2.backend import host
 from keras_l2.inventory import optimizer_chain
 from keras_l2.search.models import build_run, compile_run
 from keras_l2.search.stacked import PREFIX, Member, StackedModel, StackedOptimizer
@@ -97,7 +98,7 @@ def default_stack_size(build: Callable, members: int, optimizer: str, batch_size
     item = 8 if keras.backend.floatx() == "float64" else 4
     slots = {"sgd": 1, "rmsprop": 1}.get(optimizer, 2)
     per_member = (model.count_params() * (2 + slots) + 3 * batch_size * width) * item
-    free, where = backend.free_memory()
+    free, where = host.free_memory()
     fits = int(free * MEMORY_SHARE // per_member)
     size = max(1, min(members, fits))
     reason = (f"{size} of {members} members per stack: each needs about {per_member / 2**20:.1f} MiB, and "

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 
-from keras_l2.search.config import SweepConfig, mask_url
+from keras_l2.search.config import SweepConfig, TuneConfig, mask_url
 from keras_l2.search.outcome import conclude
 from keras_l2.search.parent import end_parent, reopen_parent, start_parent
 from keras_l2.search.pruning import Pruning
@@ -53,6 +53,7 @@ from keras_l2.search.study_plan import (
     point,
     same_sweep,
     sampling,
+    startup_lambdas,
     study_params,
     title,
     to_propose,
@@ -138,14 +139,23 @@ def _set_up(worker: _Worker, storage) -> tuple:
     same_sweep(config, study, wanted)
     parent_id = study.user_attrs.get(PARENT_ATTR)
     if parent_id is None:
-        outbox, _, parent_id = start_parent(config, worker.data, worker.store, f"sweep {config.route} {config.study}",
-                                            {STUDY_TAG: config.study}, study_params(worker.params, config))
+        tune = isinstance(config, TuneConfig)  # `keras-l2 tune --study`: tagged as the one-machine tune's parent
+        outbox, _, parent_id = start_parent(config, worker.data, worker.store,
+                                            f"{'tune' if tune else 'sweep'} {config.route} {config.study}",
+                                            {STUDY_TAG: config.study, **({"tune": "true"} if tune else {})},
+                                            study_params(worker.params, config))
         outbox.close(config.max_delay)
         study.set_user_attr(PARENT_ATTR, parent_id)
     if SWEEP_ATTR not in study.user_attrs:
         for seed in range(config.seeds if config.sampler == "grid" else 0):
             for l2 in config.lambdas:
                 study.enqueue_trial({"lambda": l2, "seed": seed}, skip_if_exists=True)
+        spread = startup_lambdas(config) if config.sampler == "tpe" else ()
+        # The user's own guesses take the spread's place; a creator that died midway left only spread points.
+        if all(t.system_attrs.get("fixed_params", {}).get("lambda") in spread
+               for t in study.get_trials(deepcopy=False)):
+            for l2 in spread:
+                study.enqueue_trial({"lambda": l2}, skip_if_exists=True)
         study.set_user_attr(SWEEP_ATTR, wanted)
     elif config.sampler == "grid":  # points whose every attempt failed (an error, retries used up): once more
         alive = {(t.params.get("lambda"), t.params.get("seed")) for t in study.get_trials(deepcopy=False)

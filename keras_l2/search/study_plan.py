@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from keras_l2.search.config import SweepConfig, mask_url
 from keras_l2.search.study_storage import open_study_storage
 
@@ -47,8 +49,9 @@ def definition(params: dict, config: SweepConfig) -> dict:
     kept = {k: str(v) for k, v in study_params(params, config).items()
             if k not in ("sweep.stacked", "sweep.stack_size", "sweep.study")}
     # Every worker fails others' trials after 3 of its own heartbeats: a shorter one would take over live trials.
+    # The experiment too: child runs follow their worker's, and must sit beside their parent run.
     return {**kept, "sweep.batch_size": str(config.batch_size), "study.heartbeat": f"{config.heartbeat:g}",
-            "sweep.train_size": str(config.train_size)}
+            "sweep.train_size": str(config.train_size), "study.experiment": config.experiment}
 
 
 def study_params(params: dict, config: SweepConfig) -> dict:
@@ -89,8 +92,22 @@ def sampling(config: SweepConfig) -> dict:
 
     if config.sampler == "grid":
         return {"pruner": optuna.pruners.NopPruner()}
-    return {"sampler": optuna.samplers.TPESampler(constant_liar=True),
+    return {"sampler": optuna.samplers.TPESampler(constant_liar=True, n_startup_trials=len(startup_lambdas(config))),
             "pruner": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)}
+
+
+def startup_lambdas(config: SweepConfig) -> tuple:
+    """TPE's first lambdas: the centres of equal parts of the range on a log scale (3, or a quarter of the trials
+    up to 10), enqueued when the study is created, before TPE models anything.
+
+    TPE draws its first `n_startup_trials` (10 by default) at random: a budget
+    of 8 would never leave random search, and random draws may all miss a
+    decade. Spread points cover the range at once; a user's own guesses,
+    enqueued before the first worker starts, take their place.
+    """
+    low, high = (math.log10(v) for v in config.lambda_range)
+    count = min(config.trials, max(3, min(10, config.trials // 4)))
+    return tuple(10 ** (low + (high - low) * (i + 0.5) / count) for i in range(count))
 
 
 def to_propose(study, config: SweepConfig) -> int:

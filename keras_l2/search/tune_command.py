@@ -14,14 +14,22 @@ from __future__ import annotations
 import argparse
 import os
 
-from keras_l2.search.command import add_shared_arguments, exit_on_error, print_result, shared_options
-from keras_l2.search.config import TuneConfig, check_tune_config
+from keras_l2.search.command import (
+    add_shared_arguments,
+    add_study_arguments,
+    exit_on_error,
+    print_result,
+    shared_options,
+    study_options,
+)
+from keras_l2.search.config import SHARED_TUNE_TRIALS, TuneConfig, check_tune_config
 
 DESCRIPTION = ("Finds the lambda with the lowest validation data loss in two stages: one run in which lambda "
                "follows the validation hypergradient (held at the middle of --range for the first half of the "
                "epochs), then lambda a quarter decade either side of where it ended, trained from scratch "
                "together to confirm. Prints the best lambda, its test data loss and the cost in plain runs; "
-               "every run is an MLflow child run of one parent run.")
+               "every run is an MLflow child run of one parent run. With --study, workers on several machines "
+               "share the tune: Optuna's TPE proposes the lambdas instead.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every-n-steps", type=int, default=None,
                    help="stage 1's run also logs every N steps, its lambda included (default: per epoch only)")
     add_shared_arguments(p, defaults)
+    shared = p.add_argument_group("a tune shared by several workers (machines or processes)")
+    add_study_arguments(shared, defaults, "Optuna's TPE proposes --trials lambdas in --range on a log scale, its "
+                                          "first ones spread over the range, and a median pruner stops poor runs")
+    shared.add_argument("--trials", type=int, default=None,
+                        help=f"lambdas a shared tune tries, all workers together (default: {SHARED_TUNE_TRIALS})")
 
 
 def parser(prog: str = "keras-l2 tune") -> argparse.ArgumentParser:
@@ -49,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
     if len(parts) != 2:
         raise ValueError(f"--range: two numbers low,high, e.g. 1e-4,1e2. Received: {args.range!r}")
     return TuneConfig(lambda_range=tuple(parts), seed=args.seed, log_every_n_steps=args.log_every_n_steps,
-                      **shared_options(args))
+                      trials=args.trials, **study_options(args), **shared_options(args))
 
 
 def checked_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> TuneConfig:
@@ -61,10 +74,10 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Checks everything (bad input exits with status 2 and one line, before any run), then tunes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     config = checked_config(args, p)
-    from keras_l2.search.tuning import as_json, prepare_tune
+    from keras_l2.search import report, tuning
 
-    prepared = exit_on_error(p, lambda: prepare_tune(config))
-    return print_result(args, prepared.run(), as_json)
+    prepared = exit_on_error(p, lambda: tuning.prepare_tune(config))
+    return print_result(args, prepared.run(), report.as_json if config.study else tuning.as_json)
 
 
 def main(argv=None, prog: str = "keras-l2 tune") -> int:

@@ -78,9 +78,16 @@ __all__ = ["CONFIRM", "HypergradientLambda", "TuneConfig", "as_json", "confirmat
            "prepare_tune", "run_tune"]
 
 
-def prepare_tune(config: TuneConfig | None = None, model=None, data=None) -> PreparedTune:
-    """Checks everything (the range, data, model, route, store) before any run; `.run()` tunes."""
-    sweep = prepare_sweep(check_tune_config(config if config is not None else TuneConfig()), model, data)
+def prepare_tune(config: TuneConfig | None = None, model=None, data=None) -> PreparedTune | PreparedSweep:
+    """Checks everything (the range, data, model, route, store) before any run; `.run()` tunes.
+
+    With `config.study` the tune is the study's shared TPE sweep (`TuneConfig`), and `.run()` returns what
+    `run_sweep` returns: the best lambda is `result["best"]["l2"]`.
+    """
+    config = check_tune_config(config if config is not None else TuneConfig())
+    if config.study is not None:
+        return prepare_sweep(config, model, data)
+    sweep = prepare_sweep(config, model, data)
     if not isinstance(sweep.data, SweepData):
         raise ValueError("data: tune needs NumPy arrays (its hypergradient takes the whole training and validation "
                          "splits); tf.data datasets are for `keras-l2 sweep`")
@@ -90,7 +97,8 @@ def prepare_tune(config: TuneConfig | None = None, model=None, data=None) -> Pre
 def run_tune(config: TuneConfig | None = None, model=None, data=None) -> dict:
     """Tunes λ (see the module docstring); returns the best λ, its losses, the cost and every run's result.
 
-    Arguments as `keras_l2.search.run_sweep`'s; `config.lambda_range` bounds stage 1's λ.
+    Arguments as `keras_l2.search.run_sweep`'s; `config.lambda_range` bounds stage 1's λ. With `config.study`
+    it returns what `run_sweep` returns (`prepare_tune`).
     """
     return prepare_tune(config, model, data).run()
 
