@@ -157,7 +157,7 @@ def test_limit_threads_caps_the_backends_threads_or_says_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=True).stdout
     if backend.name() == "jax":
-        assert "refused: --threads: JAX sizes its thread pool" in out and "taskset -c 0-0" in out
+        assert "refused: --threads: JAX sizes its CPU thread pool" in out and "taskset -c 0-0" in out
         return
     assert "threads: 1 1" in out
     later = {"tensorflow": "later: --threads: TensorFlow has started with (intra-op, inter-op) threads (1, 1)",
