@@ -95,10 +95,10 @@ def shared(datasets: list, repeats: int, epochs: int) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
+        storage = f"sqlite:///{root}/optuna.db"
         for dataset in datasets:
             grid_l2, grid_loss = grid_best(dataset, 0, epochs, root)
             for repeat in range(repeats):
-                storage = f"sqlite:///{root}/optuna.db"
                 tune = tune_in_a_new_process(dataset, 0, epochs, root, "--study", f"{dataset}-{repeat}",
                                              "--storage", storage)
                 trials = optuna.load_study(study_name=f"{dataset}-{repeat}", storage=storage).trials

@@ -113,7 +113,7 @@ def _cli_error(capsys, *args):
         (["--route", "l1"], "unknown route 'l1'"),
         (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
         (["--epochs", "0"], "--epochs"),
-        (["--threads", "0"], "--threads: an integer >= 1 (CPU threads per training process). Received: 0"),
+        (["--threads", "0"], "--threads: must be an integer >= 1. Received: 0"),
         (["--hidden", "a,b"], "--hidden"),
         (["--tracking-uri", "nonsense"], "Unsupported MLflow tracking URI"),
     ],

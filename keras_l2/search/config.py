@@ -88,15 +88,12 @@ def check_config(config: SweepConfig) -> SweepConfig:
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer: unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     check_dataset(config.dataset)
-    for name in ("epochs", "seeds", "workers", "batch_size", "train_size"):
+    for name in ("epochs", "seeds", "workers", "batch_size", "train_size", "threads"):
         value = getattr(config, name)
-        if name == "train_size" and value is None:
+        if name in ("train_size", "threads") and value is None:  # None: the default
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be an integer >= 1. Received: {value!r}")
-    if config.threads is not None and (isinstance(config.threads, bool) or not isinstance(config.threads, int)
-                                       or config.threads < 1):
-        raise ValueError(f"--threads: an integer >= 1 (CPU threads per training process). Received: {config.threads!r}")
     if not isinstance(config.stacked, bool):
         raise ValueError(f"stacked: True or False. Received: {config.stacked!r}")
     if config.stack_size is not None and (isinstance(config.stack_size, bool) or not isinstance(

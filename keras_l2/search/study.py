@@ -152,8 +152,8 @@ def _set_up(worker: _Worker, storage) -> tuple:
                 study.enqueue_trial({"lambda": l2, "seed": seed}, skip_if_exists=True)
         spread = startup_lambdas(config) if config.sampler == "tpe" else ()
         # The user's own guesses take the spread's place; a creator that died midway left only spread points.
-        if all(t.system_attrs.get("fixed_params", {}).get("lambda") in spread
-               for t in study.get_trials(deepcopy=False)):
+        if spread and all(t.system_attrs.get("fixed_params", {}).get("lambda") in spread
+                          for t in study.get_trials(deepcopy=False)):
             for l2 in spread:
                 study.enqueue_trial({"lambda": l2}, skip_if_exists=True)
         study.set_user_attr(SWEEP_ATTR, wanted)
