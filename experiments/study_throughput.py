@@ -12,6 +12,14 @@ cores), 2 workers with theirs, and 2 workers with `--threads` cores / 2
 each (what the README suggests for several workers on one machine). The
 table gives the medians and the median of the per-round ratios to 1 worker.
 
+The machine's own floor for that ratio is measured in the same rounds: the
+same 12 trainings (model, data split, optimizer, batch, epochs, validation
+every epoch, a test evaluation) in plain Keras, with no keras_l2, MLflow or
+Optuna, by 1 process and by 2 processes of 6 with one thread each. Two
+processes sharing 2 cores do not each train as fast as one alone (caches and
+memory are shared; on this VM by far more than for pure Python), and no
+coordination can beat that ratio.
+
 Usage: `python experiments/study_throughput.py [--rounds 3] [--epochs 20]`
 (PostgreSQL must be installed: `make postgresql`).
 """
@@ -55,10 +63,53 @@ def sweep(team, study: str, workers: int, epochs: int, logs: Path, options: list
     return seconds, _children_cpu() - cpu
 
 
+def plain(workers: int, epochs: int, threads: int | None) -> tuple:
+    """(wall seconds, CPU seconds) for `workers` processes to train the 12 runs in plain Keras (the floor)."""
+    command = [sys.executable, __file__, "--plain-runs", str(12 // workers), "--epochs", str(epochs),
+               *(["--threads", str(threads)] if threads else [])]
+    cpu = _children_cpu()
+    started = time.perf_counter()
+    processes = [subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}) for _ in range(workers)]
+    if any(p.wait() for p in processes):
+        raise RuntimeError("a plain Keras process failed")
+    return time.perf_counter() - started, _children_cpu() - cpu
+
+
+def train_plain(runs: int, epochs: int, threads: int | None) -> None:
+    """In this process: `runs` trainings of the sweep's default run in plain Keras (what a worker does, less ours)."""
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import keras
+
+    from keras_l2.search.datasets import digits
+    from keras_l2.search.models import build_model
+
+    data = digits()
+    for run in range(runs):
+        model = build_model(data.x_train.shape[1], data.y_train.shape[1], (512, 512), seed=run)
+        model.compile(optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", metrics=["accuracy"])
+        model.fit(data.x_train, data.y_train, batch_size=32, epochs=epochs, verbose=0,
+                  validation_data=(data.x_val, data.y_val))
+        model.evaluate(data.x_test, data.y_test, verbose=0)
+
+
 def variants() -> dict:
-    """{name: (workers, extra options)}: 1 worker, 2 workers, 2 workers sharing the cores with --threads."""
-    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
-    return {"1 worker": (1, []), "2 workers": (2, []), f"2 workers, --threads {share}": (2, ["--threads", share])}
+    """{name: (what it times, the variant its ratio is to)}: 1 worker, 2 workers, 2 workers sharing the cores with
+    --threads; the plain Keras floor, 1 process and 2 with a core's share of threads each."""
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+
+    def shared(workers, options):
+        return lambda team, study, epochs, root: sweep(team, study, workers, epochs, root, options)
+
+    return {"1 worker": (shared(1, []), "1 worker"), "2 workers": (shared(2, []), "1 worker"),
+            f"2 workers, --threads {share}": (shared(2, ["--threads", str(share)]), "1 worker"),
+            "plain Keras, 1 process": (lambda team, study, epochs, root: plain(1, epochs, None),
+                                       "plain Keras, 1 process"),
+            f"plain Keras, 2 x {share} thread": (lambda team, study, epochs, root: plain(2, epochs, share),
+                                               "plain Keras, 1 process")}
 
 
 def _children_cpu() -> float:
@@ -71,7 +122,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20, help="epochs per run of the default digits MLP")
+    parser.add_argument("--plain-runs", type=int, help=argparse.SUPPRESS)  # a plain Keras process of the floor
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plain_runs:
+        train_plain(args.plain_runs, args.epochs, args.threads)
+        return 0
     root = Path(tempfile.mkdtemp(prefix="keras_l2_throughput_"))
     os.chmod(root, 0o755)  # as root, PostgreSQL runs as its own user, who must enter the folder
     team = start_team_server(root / "team", port=0)
@@ -80,25 +136,23 @@ def main(argv=None) -> int:
     try:
         for r in range(args.rounds):
             names = list(kinds)
-            for name in names[r % 3:] + names[:r % 3]:
-                workers, options = kinds[name]
-                seconds, cpu = sweep(team, f"round{r}-{len(times[name])}-{workers}w{len(options)}", workers,
-                                     args.epochs, root, options)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                seconds, cpu = kinds[name][0](team, f"round{r}-v{names.index(name)}", args.epochs, root)
                 times[name].append(seconds)
                 cpus[name].append(cpu)
-                print(f"round {r + 1}: {name:<24} {seconds:6.1f} s, workers' CPU {cpu:6.1f} s", flush=True)
+                print(f"round {r + 1}: {name:<28} {seconds:6.1f} s, workers' CPU {cpu:6.1f} s", flush=True)
     finally:
         before = _children_cpu()
         team.stop()  # the MLflow server's CPU is counted once it has ended (PostgreSQL runs as a daemon: not)
         server = _children_cpu() - before
     print(f"\n12 runs (6 lambdas x 2 seeds), digits MLP 64-512-512-10, {args.epochs} epochs, "
           f"{args.rounds} interleaved rounds, {len(os.sched_getaffinity(0))} CPUs")
-    print(f"{'variant':<24} {'median s':>9} {'ratio to 1 worker':>18} {'workers CPU s':>14}  per-round ratios")
-    for name in kinds:
-        ratios = [mine / one for one, mine in zip(times["1 worker"], times[name], strict=True)]
-        print(f"{name:<24} {statistics.median(times[name]):>9.1f} {statistics.median(ratios):>18.3f} "
+    print(f"{'variant':<28} {'median s':>9} {'ratio to 1 process':>19} {'workers CPU s':>14}  per-round ratios")
+    for name, (_, baseline) in kinds.items():
+        ratios = [mine / one for one, mine in zip(times[baseline], times[name], strict=True)]
+        print(f"{name:<28} {statistics.median(times[name]):>9.1f} {statistics.median(ratios):>19.3f} "
               f"{statistics.median(cpus[name]):>14.1f}  {', '.join(f'{x:.3f}' for x in ratios)}")
-    runs = len(kinds) * args.rounds * 12
+    runs = 3 * args.rounds * 12  # the shared sweeps' runs
     print(f"MLflow server CPU: {server:.1f} s over {runs} runs ({server / runs:.2f} s a run)")
     shutil.rmtree(root, ignore_errors=True)
     return 0
