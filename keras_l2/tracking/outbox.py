@@ -3,13 +3,12 @@
 With its default retries, MLflow's client blocks for minutes on a dead server
 and then raises; its async logging drops what it could not send. `Outbox`:
 
-- takes records on the training thread without I/O and hands them, in order,
-  to the delivery process (`keras_l2.tracking.courier`), which makes short,
-  unretried requests through MLflow's public client;
-- starts a job at most every `_JOB_GAP_S`, sending all that gathered: a
-  run's metrics, params and tags in one `log_batch` within MLflow's limits
-  (a request costs the delivery process ~12 ms CPU, which a small model's
-  training feels); `flush`, `run_id` and a full job's backlog skip the wait;
+- takes records on the training thread without I/O and hands them, in order, to the
+  delivery process (`keras_l2.tracking.courier`), which makes short, unretried
+  requests through MLflow's public client;
+- starts a job at most every `_JOB_GAP_S` (to a server `_SERVER_JOB_GAP_S`), sending
+  all that gathered (a run's metrics, params and tags in one `log_batch`); `flush`,
+  `run_id` and a full job's backlog skip the wait;
 - keeps every record until it is settled: during an outage it retries every
   `retry_interval` s, and a delivery process that dies is restarted;
 - on `flush(timeout)` waits at most `timeout` s, then also saves what is left
@@ -17,8 +16,7 @@ and then raises; its async logging drops what it could not send. `Outbox`:
   store, or `send_pending`, delivers. Redelivery is harmless: a metric keeps its
   timestamp, and a run that may exist is looked up by its `keras_l2.run_key` tag.
 
-It says once per outage what happened and where the records are (the
-`keras_l2` logger, which prints to stderr when logging is not configured).
+It says once per outage what happened and where the records are (the `keras_l2` logger: stderr by default).
 
 Example:
 
@@ -56,7 +54,9 @@ from keras_l2.tracking.store import TrackingStore
 SPOOL_DIR = Path("mlruns") / "keras_l2_pending"
 _RECORDS_PER_JOB = 2000  # the most queued records one job to the delivery process covers
 _SPOOL_REWRITE_S = 1.0  # while spooled, the spool follows the queue at most this often
-_JOB_GAP_S = 0.5  # least time between job starts unless someone waits: 2 requests/s cost ~1% of a core
+# Least time between job starts unless someone waits: a job costs the delivery process ~12 ms CPU (a small model's
+# training feels it), the team server ~20 ms + 0.5 ms a metric (all workers share it; 0.5 s: ~4% a worker).
+_JOB_GAP_S, _SERVER_JOB_GAP_S = 0.5, 2.0
 
 
 class Outbox:
@@ -246,7 +246,7 @@ class Outbox:
                 if time.monotonic() < start_at:  # wait out an outage, or let records gather
                     self._cond.wait(start_at - time.monotonic())
                     continue
-                self._next_job_at = time.monotonic() + _JOB_GAP_S
+                self._next_job_at = time.monotonic() + (_JOB_GAP_S if self._local else _SERVER_JOB_GAP_S)
                 batch, runs = list(itertools.islice(self._records, _RECORDS_PER_JOB)), dict(self._runs)
                 for index, record in enumerate(batch):
                     if isinstance(record, records.CreateRun) and not record.attempted:
