@@ -7,20 +7,22 @@ at a time per worker) as a new study with 1 worker and with 2 worker
 processes started together, in alternating order, and times each from the
 start of the first worker to the end of the last (Python and TensorFlow's
 start included: it is part of what a user waits for). Three variants per
-round, in rotating order: 1 worker with the backend's own threads (all
+round (of five), in rotating order: 1 worker with the backend's own threads (all
 cores), 2 workers with theirs, and 2 workers with `--threads` cores / 2
-each (what the README suggests for several workers on one machine). The
-table gives the medians and the median of the per-round ratios to 1 worker.
+each (what the README suggests for several workers on one machine).
 
-The machine's own floor for that ratio is measured in the same rounds: the
-same 12 trainings (model, data split, optimizer, batch, epochs, validation
-every epoch, a test evaluation) in plain Keras, with no keras_l2, MLflow or
-Optuna, by 1 process and by 2 processes of 6 with one thread each. Two
-processes sharing 2 cores do not each train as fast as one alone (caches and
-memory are shared; on this VM by far more than for pure Python), and no
-coordination can beat that ratio.
+Two more variants measure the same ratio for the training alone: the same 12
+runs (model built as a run's, data split, Adam, batch 32, epochs, validation
+every epoch, the test loss) as bare `fit` calls, with no L2 route, no
+MLflow and no Optuna, by 1 process and by 2 processes of 6 with one thread
+each. Two processes sharing 2 cores do not each train as fast as one alone
+(they share caches and memory bandwidth), so this is the ratio the sweep's
+training part can reach here; the sweep's Python, tracking and coordination
+work may split better. The table gives per variant the median time and the
+median of its per-round ratios to its 1-process variant. Five variants:
+use 5 rounds (the default) so that each takes each place in the order once.
 
-Usage: `python experiments/study_throughput.py [--rounds 3] [--epochs 20]`
+Usage: `python experiments/study_throughput.py [--rounds 5] [--epochs 20]`
 (PostgreSQL must be installed: `make postgresql`).
 """
 
@@ -64,41 +66,40 @@ def sweep(team, study: str, workers: int, epochs: int, logs: Path, options: list
 
 
 def plain(workers: int, epochs: int, threads: int | None) -> tuple:
-    """(wall seconds, CPU seconds) for `workers` processes to train the 12 runs in plain Keras (the floor)."""
+    """(wall seconds, CPU seconds) for `workers` processes to train the 12 runs as bare `fit` calls."""
     command = [sys.executable, __file__, "--plain-runs", str(12 // workers), "--epochs", str(epochs),
                *(["--threads", str(threads)] if threads else [])]
     cpu = _children_cpu()
     started = time.perf_counter()
     processes = [subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}) for _ in range(workers)]
     if any(p.wait() for p in processes):
-        raise RuntimeError("a plain Keras process failed")
+        raise RuntimeError("a plain fit process failed")
     return time.perf_counter() - started, _children_cpu() - cpu
 
 
 def train_plain(runs: int, epochs: int, threads: int | None) -> None:
-    """In this process: `runs` trainings of the sweep's default run in plain Keras (what a worker does, less ours)."""
-    if threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    """In this process: `runs` of the sweep's default runs as bare `fit` calls (a worker's training, no more)."""
     import keras
 
+    from keras_l2.backend.host import limit_threads
     from keras_l2.search.datasets import digits
-    from keras_l2.search.models import build_model
+    from keras_l2.search.models import build_run, mlp_function
+    from keras_l2.search.training import test_data_loss
 
+    if threads:
+        limit_threads(threads)  # what a worker's --threads does
     data = digits()
+    build = mlp_function(data.x_train.shape[1], data.y_train.shape[1], (512, 512))
     for run in range(runs):
-        model = build_model(data.x_train.shape[1], data.y_train.shape[1], (512, 512), seed=run)
+        model = build_run(build, seed=run % 2)
         model.compile(optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", metrics=["accuracy"])
-        model.fit(data.x_train, data.y_train, batch_size=32, epochs=epochs, verbose=0,
-                  validation_data=(data.x_val, data.y_val))
-        model.evaluate(data.x_test, data.y_test, verbose=0)
+        model.fit(**data.fit_args(32), epochs=epochs, verbose=0)
+        test_data_loss(model, data)
 
 
 def variants() -> dict:
     """{name: (what it times, the variant its ratio is to)}: 1 worker, 2 workers, 2 workers sharing the cores with
-    --threads; the plain Keras floor, 1 process and 2 with a core's share of threads each."""
+    --threads; bare `fit` calls, 1 process and 2 with a core's share of threads each."""
     share = max(1, len(os.sched_getaffinity(0)) // 2)
 
     def shared(workers, options):
@@ -106,10 +107,10 @@ def variants() -> dict:
 
     return {"1 worker": (shared(1, []), "1 worker"), "2 workers": (shared(2, []), "1 worker"),
             f"2 workers, --threads {share}": (shared(2, ["--threads", str(share)]), "1 worker"),
-            "plain Keras, 1 process": (lambda team, study, epochs, root: plain(1, epochs, None),
-                                       "plain Keras, 1 process"),
-            f"plain Keras, 2 x {share} thread": (lambda team, study, epochs, root: plain(2, epochs, share),
-                                               "plain Keras, 1 process")}
+            "plain fit, 1 process": (lambda team, study, epochs, root: plain(1, epochs, None),
+                                       "plain fit, 1 process"),
+            f"plain fit, 2 x {share} thread": (lambda team, study, epochs, root: plain(2, epochs, share),
+                                               "plain fit, 1 process")}
 
 
 def _children_cpu() -> float:
@@ -120,9 +121,9 @@ def _children_cpu() -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=20, help="epochs per run of the default digits MLP")
-    parser.add_argument("--plain-runs", type=int, help=argparse.SUPPRESS)  # a plain Keras process of the floor
+    parser.add_argument("--plain-runs", type=int, help=argparse.SUPPRESS)  # a process of the plain fit variants
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_runs:
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
         ratios = [mine / one for one, mine in zip(times[baseline], times[name], strict=True)]
         print(f"{name:<28} {statistics.median(times[name]):>9.1f} {statistics.median(ratios):>19.3f} "
               f"{statistics.median(cpus[name]):>14.1f}  {', '.join(f'{x:.3f}' for x in ratios)}")
-    runs = 3 * args.rounds * 12  # the shared sweeps' runs
+    runs = sum(not name.startswith("plain") for name in kinds) * args.rounds * 12  # the shared sweeps' runs
     print(f"MLflow server CPU: {server:.1f} s over {runs} runs ({server / runs:.2f} s a run)")
     shutil.rmtree(root, ignore_errors=True)
     return 0

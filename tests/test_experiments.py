@@ -110,3 +110,14 @@ def test_tune_on_the_default_digits_is_as_good_as_a_14_point_grid():
     ratio, cost = float(cells[6]), float(cells[7])
     assert ratio <= 1.02, row
     assert 0 < cost < float("inf"), row
+
+
+@pytest.mark.multiprocess  # starts PostgreSQL and an MLflow server: make test-multiprocess
+def test_server_request_cost_prints_the_cpu_of_both_sizes():
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "server_request_cost.py"), "--requests", "3"],
+                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == [12, 120]
+    assert all(float(row[2]) > 0 for row in rows)  # wall ms per request
+    assert "per request" in done.stdout and "per metric" in done.stdout

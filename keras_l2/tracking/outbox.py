@@ -6,11 +6,10 @@ and then raises; its async logging drops what it could not send. `Outbox`:
 - takes records on the training thread without I/O and hands them, in order, to the
   delivery process (`keras_l2.tracking.courier`), which makes short, unretried
   requests through MLflow's public client;
-- starts a job at most every `_JOB_GAP_S` (to a server `_SERVER_JOB_GAP_S`), sending
-  all that gathered (a run's metrics, params and tags in one `log_batch`); `flush`,
-  `run_id` and a full job's backlog skip the wait;
-- keeps every record until it is settled: during an outage it retries every
-  `retry_interval` s, and a delivery process that dies is restarted;
+- starts a job at most every `_JOB_GAP_S` (to a server `_SERVER_JOB_GAP_S`), sending all that gathered (a
+  run's metrics, params and tags in one `log_batch`); `flush`, `run_id` and a backlog skip the wait;
+- keeps every record until it is settled: in an outage it retries every `retry_interval` s; a dead delivery
+  process is restarted;
 - on `flush(timeout)` waits at most `timeout` s, then also saves what is left
   in a spool file (`keras_l2.tracking.spool`) that a later `Outbox` on the same
   store, or `send_pending`, delivers. Redelivery is harmless: a metric keeps its
@@ -54,9 +53,10 @@ from keras_l2.tracking.store import TrackingStore
 SPOOL_DIR = Path("mlruns") / "keras_l2_pending"
 _RECORDS_PER_JOB = 2000  # the most queued records one job to the delivery process covers
 _SPOOL_REWRITE_S = 1.0  # while spooled, the spool follows the queue at most this often
-# Least time between job starts unless someone waits: a job costs the delivery process ~12 ms CPU (a small model's
-# training feels it), the team server ~20 ms + 0.5 ms a metric (all workers share it; 0.5 s: ~4% a worker).
-_JOB_GAP_S, _SERVER_JOB_GAP_S = 0.5, 2.0
+# Least time between job starts unless someone or a backlog waits (to a server 500: a train end logging each step
+# sends little at once). A job costs the delivery process ~12 ms CPU, which a small model's training feels, and the
+# team server ~17 ms + 0.5 ms a metric (experiments/server_request_cost.py), shared by all workers: ~4% a worker.
+_JOB_GAP_S, _SERVER_JOB_GAP_S, _SERVER_BACKLOG = 0.5, 2.0, 500
 
 
 class Outbox:
@@ -241,7 +241,7 @@ class Outbox:
                     self._thread = None
                     self._cond.notify_all()
                     return
-                hurry = self._waiters or len(self._records) >= _RECORDS_PER_JOB  # someone waits, or a backlog
+                hurry = self._waiters or len(self._records) >= (_RECORDS_PER_JOB if self._local else _SERVER_BACKLOG)
                 start_at = self._retry_at if hurry else max(self._retry_at, self._next_job_at)
                 if time.monotonic() < start_at:  # wait out an outage, or let records gather
                     self._cond.wait(start_at - time.monotonic())
