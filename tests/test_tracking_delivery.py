@@ -167,6 +167,14 @@ def test_a_server_gets_at_most_one_job_per_server_gap(server, tmp_path):
     gap = outbox_module._SERVER_JOB_GAP_S
     assert gap >= 4 * outbox_module._JOB_GAP_S  # what the trickle below tells apart
     run = _trickle(outbox, 2 * gap)  # at the local gap, this would take 8 jobs or more
+    with outbox._cond:
+        outbox._next_job_at = time.monotonic() + 3600  # the next paced job is an hour away...
+    for step in range(outbox_module._SERVER_BACKLOG):
+        outbox.log(run, metrics={"loss": float(step)}, step=100 + step)
+    deadline = time.monotonic() + 30
+    while outbox.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outbox.pending() == 0  # ...but a backlog goes at once, without a flush
     outbox.end_run(run)
     assert outbox.flush(60)
     assert mlflow.MlflowClient(server.uri).get_run(outbox.run_id(run)).info.status == "FINISHED"
