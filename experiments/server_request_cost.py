@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100, help="log_batch calls per size")
     args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error(f"--requests: must be an integer >= 1. Received: {args.requests}")
     root = Path(tempfile.mkdtemp(prefix="keras_l2_request_cost_"))
     os.chmod(root, 0o755)  # as root, PostgreSQL runs as its own user, who must enter the folder
     team = start_team_server(root / "team", port=0)

@@ -49,32 +49,32 @@ def sweep(team, study: str, workers: int, epochs: int, logs: Path, options: list
     command = [sys.executable, "-m", "keras_l2.cli", "sweep", "--study", study,  # --storage: KERAS_L2_STORAGE
                "--tracking-uri", team.tracking_uri, "--experiment", study, *GRID, "--epochs", str(epochs),
                "--quiet", "--results-dir", str(logs / study), *options]
-    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": team.password,
-           "KERAS_L2_STORAGE": team.storage,
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": team.password,
+           "KERAS_L2_STORAGE": team.storage}
+    return together(command, env, [logs / f"{study}-{i}.log" for i in range(workers)])
+
+
+def plain(name: str, workers: int, epochs: int, threads: int | None, logs: Path) -> tuple:
+    """(wall seconds, CPU seconds) for `workers` processes to train the 12 runs as bare `fit` calls."""
+    command = [sys.executable, __file__, "--plain-runs", str(12 // workers), "--epochs", str(epochs),
+               *(["--threads", str(threads)] if threads else [])]
+    return together(command, {}, [logs / f"{name}-{i}.log" for i in range(workers)])
+
+
+def together(command: list, env: dict, logs: list) -> tuple:
+    """(wall seconds, their CPU seconds) for one process of `command` per log file, started together."""
     cpu = _children_cpu()
     started = time.perf_counter()
-    outputs = [open(logs / f"{study}-{i}.log", "w") for i in range(workers)]  # noqa: SIM115 - closed below
-    processes = [subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT) for out in outputs]
+    outputs = [open(log, "w") for log in logs]  # noqa: SIM115 - closed below
+    processes = [subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}, stdout=out,
+                                  stderr=subprocess.STDOUT) for out in outputs]
     codes = [p.wait() for p in processes]
     seconds = time.perf_counter() - started
     for out in outputs:
         out.close()
     if any(codes):
-        raise RuntimeError(f"a worker of {study} failed (exit codes {codes}); see {logs}")
+        raise RuntimeError(f"a process failed (exit codes {codes}); see {', '.join(map(str, logs))}")
     return seconds, _children_cpu() - cpu
-
-
-def plain(workers: int, epochs: int, threads: int | None) -> tuple:
-    """(wall seconds, CPU seconds) for `workers` processes to train the 12 runs as bare `fit` calls."""
-    command = [sys.executable, __file__, "--plain-runs", str(12 // workers), "--epochs", str(epochs),
-               *(["--threads", str(threads)] if threads else [])]
-    cpu = _children_cpu()
-    started = time.perf_counter()
-    processes = [subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}) for _ in range(workers)]
-    if any(p.wait() for p in processes):
-        raise RuntimeError("a plain fit process failed")
-    return time.perf_counter() - started, _children_cpu() - cpu
 
 
 def train_plain(runs: int, epochs: int, threads: int | None) -> None:
@@ -107,9 +107,9 @@ def variants() -> dict:
 
     return {"1 worker": (shared(1, []), "1 worker"), "2 workers": (shared(2, []), "1 worker"),
             f"2 workers, --threads {share}": (shared(2, ["--threads", str(share)]), "1 worker"),
-            "plain fit, 1 process": (lambda team, study, epochs, root: plain(1, epochs, None),
-                                       "plain fit, 1 process"),
-            f"plain fit, 2 x {share} thread": (lambda team, study, epochs, root: plain(2, epochs, share),
+            "plain fit, 1 process": (lambda team, study, epochs, root: plain(study, 1, epochs, None, root),
+                                     "plain fit, 1 process"),
+            f"plain fit, 2 x {share} thread": (lambda team, study, epochs, root: plain(study, 2, epochs, share, root),
                                                "plain fit, 1 process")}
 
 
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plain-runs", type=int, help=argparse.SUPPRESS)  # a process of the plain fit variants
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("rounds", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: must be an integer >= 1. Received: {getattr(args, name)}")
     if args.plain_runs:
         train_plain(args.plain_runs, args.epochs, args.threads)
         return 0

@@ -1,6 +1,7 @@
 """The experiment scripts run end to end (tiny sizes: this checks they work, not speed)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,5 +120,24 @@ def test_server_request_cost_prints_the_cpu_of_both_sizes():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(row[0]) for row in rows] == [12, 120]
-    assert all(float(row[2]) > 0 for row in rows)  # wall ms per request
-    assert "per request" in done.stdout and "per metric" in done.stdout
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)  # the server's CPU and wall ms a request
+    # The split into a fixed and a per-metric cost is the line through the two sizes (to the printed rounding).
+    (small, cpu_small, _), (large, cpu_large, _) = ((float(x) for x in row) for row in rows)
+    fixed, per_metric = re.search(r"per request (-?[\d.]+) ms \+ per metric (-?[\d.]+) ms", done.stdout).groups()
+    assert float(per_metric) == pytest.approx((cpu_large - cpu_small) / (large - small), abs=0.006)
+    assert float(fixed) == pytest.approx(cpu_small - small * float(per_metric), abs=0.2)
+
+
+def test_the_throughput_scripts_refuse_a_count_below_one_before_starting_anything():
+    import tempfile
+
+    def servers_folders():  # each script starts its team server in a folder of its own
+        return {path for prefix in ("keras_l2_request_cost_", "keras_l2_throughput_")
+                for path in Path(tempfile.gettempdir()).glob(f"{prefix}*")}
+
+    before = servers_folders()
+    for script, option in (("server_request_cost.py", "--requests"), ("study_throughput.py", "--rounds")):
+        done = subprocess.run([sys.executable, str(ROOT / "experiments" / script), option, "0"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"{option}: must be an integer >= 1. Received: 0" in done.stderr, done.stderr
+    assert servers_folders() == before

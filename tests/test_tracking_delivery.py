@@ -145,7 +145,7 @@ def test_records_that_trickle_in_during_training_share_jobs_and_flush_does_not_w
     from keras_l2.tracking import outbox as outbox_module
 
     outbox = Outbox(TrackingStore(sqlite_store(tmp_path)), spool_dir=tmp_path / "spool")
-    run = _trickle(outbox, 2 * outbox_module._JOB_GAP_S)  # 40 records over two pacing gaps
+    run = _trickle(outbox, outbox_module._JOB_GAP_S)
     client = mlflow.MlflowClient(outbox.store.tracking_uri)
     with outbox._cond:
         outbox._next_job_at = time.monotonic() + 3600  # the next paced job is an hour away
@@ -166,7 +166,7 @@ def test_a_server_gets_at_most_one_job_per_server_gap(server, tmp_path):
     outbox = Outbox(TrackingStore(server.uri), spool_dir=tmp_path / "spool")
     gap = outbox_module._SERVER_JOB_GAP_S
     assert gap >= 4 * outbox_module._JOB_GAP_S  # what the trickle below tells apart
-    run = _trickle(outbox, 2 * gap)  # at the local gap, this would take 8 jobs or more
+    run = _trickle(outbox, gap)  # at the local gap, this would take 8 jobs or more
     with outbox._cond:
         outbox._next_job_at = time.monotonic() + 3600  # the next paced job is an hour away...
     for step in range(outbox_module._SERVER_BACKLOG):
@@ -181,9 +181,10 @@ def test_a_server_gets_at_most_one_job_per_server_gap(server, tmp_path):
     outbox.close()
 
 
-def _trickle(outbox, spread: float, records: int = 40) -> str:
-    """Logs `records` metrics evenly over `spread` s to a new run; asserts they went in at most one job per
-    pacing gap (plus the one flush started), not one per record, and all arrived. Returns the run's key."""
+def _trickle(outbox, gap: float, records: int = 40) -> str:
+    """Logs `records` metrics evenly over two pacing gaps of `gap` s to a new run; asserts they went in at most
+    one job per gap (plus the one flush started), not one per record, and all arrived. Returns the run's key."""
+    spread = 2 * gap
     run = outbox.create_run("pacing")
     assert outbox.flush(60)  # the delivery process is up and the run exists
     jobs, deliver = [], outbox._courier.deliver
