@@ -27,7 +27,7 @@ def value_and_grad(fn, w: np.ndarray):
         x = torch.tensor(w, requires_grad=True)
         value = fn(x)
         value.backward()
-        return value.detach().numpy(), x.grad.numpy()
+        return value.detach().cpu().numpy(), x.grad.cpu().numpy()
     raise NotImplementedError(backend)
 
 
