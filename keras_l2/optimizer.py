@@ -231,10 +231,8 @@ class L2DecayOptimizer(keras.optimizers.Optimizer, L2Route):
                 self._coupled(g, v, scale) if g is not None and id(v) in self._chosen_ids else g
                 for g, v in zip(grads, variables, strict=True)
             ]
-        lr = self.inner_optimizer.learning_rate
-        for g, v in zip(grads, variables, strict=True):
-            if g is not None and id(v) in self._chosen_ids:
-                v.assign(l2_math.decayed(v, self._l2_variable, self.n, lr))
+        chosen = [v for g, v in zip(grads, variables, strict=True) if g is not None and id(v) in self._chosen_ids]
+        l2_math.decay(chosen, self._l2_variable, self.n, self.inner_optimizer.learning_rate)
         return grads
 
     def _coupled(self, grad, variable, scale):

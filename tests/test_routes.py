@@ -124,6 +124,24 @@ def test_adam_decoupled_is_adamw_on_chosen_kernels(float64, schedule):
     assert difference > 1e-3, f"decoupled and coupled Adam should differ; max |diff| = {difference}"
 
 
+@pytest.mark.parametrize("make", [
+    lambda **kw: keras.optimizers.SGD(0.1, **kw),
+    lambda **kw: keras.optimizers.SGD(0.1, momentum=0.9, **kw),
+    lambda **kw: keras.optimizers.Adam(0.05, **kw),
+], ids=["sgd", "momentum", "adam"])
+def test_decoupled_is_keras_own_weight_decay_bit_for_bit(float64, make):
+    """Keras decays as W - W*wd*lr on TensorFlow and JAX, as W * (1 - wd*lr) on PyTorch: so do we."""
+    _, decoupled = _train("decoupled", make(), layer_names=("hidden",), l2=ADAMW_L2)
+    model = mlp()
+    chosen = {id(layer.kernel) for layer in select_layers(model, names=["hidden"])}
+    optimizer = make(weight_decay=2 * ADAMW_L2 / N)
+    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if id(v) not in chosen])
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    model.fit(X, Y, batch_size=len(X), epochs=STEPS, shuffle=False, verbose=0)
+    for got, want in zip(decoupled, weights(model), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_unchosen_layers_and_biases_untouched_after_a_step(float64):
     _, plain = _train("none", keras.optimizers.SGD(LR), steps=1)
     for route in ROUTES:
