@@ -84,8 +84,8 @@ def decayed(w, l2, n, learning_rate):
     """Returns `W - W * (2 * l2 / n) * lr`, one step of decoupled weight decay.
 
     The order of operations is that of Keras' own `weight_decay` on
-    TensorFlow and JAX, so that with `weight_decay = 2 * l2 / n` the two agree
-    bit for bit.
+    TensorFlow and JAX, so that with `weight_decay = 2 * l2 / n` the two
+    round alike.
     """
     coefficient = _as_dtype(gradient_coefficient(l2, n), w.dtype)
     lr = _as_dtype(learning_rate, w.dtype)
@@ -107,13 +107,10 @@ def decay(variables: Sequence, l2, n, learning_rate) -> None:
 
     In the form Keras' own `weight_decay` takes on the backend in use
     (`decayed` on TensorFlow and JAX, `decay_factor` on PyTorch, all
-    variables at once there), so that the two agree bit for bit on each.
+    variables of a dtype at once there), so that the two round alike.
     """
-    if not variables:
-        return
-    dtype = variables[0].dtype
     updates.decay_in_place(variables, decayed=lambda w: decayed(w, l2, n, learning_rate),
-                           factor=lambda: decay_factor(l2, n, learning_rate, dtype))
+                           factor=lambda dtype: decay_factor(l2, n, learning_rate, dtype))
 
 
 def decay_left(l2, n, learning_rate, steps: int) -> float:

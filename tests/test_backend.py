@@ -163,3 +163,19 @@ def test_limit_threads_caps_the_backends_threads_or_says_what_to_do(tmp_path):
     later = {"tensorflow": "later: --threads: TensorFlow has started with (intra-op, inter-op) threads (1, 1)",
              "torch": "later: --threads: PyTorch's inter-op pool has started with 1 threads"}
     assert later[backend.name()] in out, out
+
+
+def test_the_decay_in_place_internals_are_there():
+    """`backend.updates`: Keras' scope queries, and on PyTorch the multi-tensor multiply Keras' own optimizers use."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+    from keras.src.backend.common.variables import get_autocast_scope
+
+    assert not in_stateless_scope() and get_autocast_scope() is None
+    with keras.StatelessScope():
+        assert in_stateless_scope()
+    if keras.backend.backend() == "torch":
+        import torch
+
+        values = [torch.ones(2), torch.ones(3, dtype=torch.float64)]
+        torch._foreach_mul_(values[:1], torch.tensor(0.5))
+        assert values[0].tolist() == [0.5, 0.5]

@@ -91,6 +91,21 @@ def test_decayed_is_keras_weight_decay_expression(float64):
     np.testing.assert_array_equal(got, w - w * (2 * 0.3 / 7) * 0.05)
 
 
+def test_decay_factor_is_keras_torch_weight_decay_expression(float64):
+    got = keras.ops.convert_to_numpy(l2_math.decay_factor(0.3, 7, 0.05, "float64"))
+    assert got == 1 - (2 * 0.3 / 7) * 0.05
+
+
+@pytest.mark.parametrize("dtypes", [("bfloat16", "float32"), ("float32", "float64")], ids=str)
+def test_decay_uses_each_variables_own_dtype(dtypes):
+    """1 - 1e-3 is 1.0 in bfloat16: a factor computed in the first kernel's dtype would skip the second."""
+    first, second = (keras.Variable(np.full((2, 3), 1.5), dtype=dtype) for dtype in dtypes)
+    l2_math.decay([first, second], l2=0.25, n=5, learning_rate=0.01)  # (2 * 0.25 / 5) * 0.01 = 1e-3
+    want = np.full((2, 3), 1.5, dtype=dtypes[1]) * (1 - np.asarray(1e-3, dtype=dtypes[1]))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(second), want, rtol=2e-7 if dtypes[1] == "float32" else 1e-15)
+    assert np.all(keras.ops.convert_to_numpy(second) < 1.5)
+
+
 def test_float32_kernels_give_float32_penalty():
     w = KERNELS[0].astype("float32")
     value = l2_math.penalty([w], 0.1, 3)

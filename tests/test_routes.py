@@ -172,6 +172,30 @@ def test_optimizer_leaves_unchosen_variables_to_inner_optimizer(float64, mode):
     assert np.max(np.abs(ours[0] - theirs[0])) > 1e-4
 
 
+def test_decoupled_stateless_apply_leaves_the_values_it_is_given_untouched(float64):
+    """PyTorch decays in place outside a scope; inside `stateless_apply` it must not touch the caller's tensors.
+
+    With zero gradients only the decay could: Keras' own PyTorch optimizers add their update to the
+    values in place even in `stateless_apply` (their `_parallel_update_step`), which is theirs to change.
+    """
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("Keras has no stateless_apply on TensorFlow")
+    model = mlp()
+    optimizer = L2DecayOptimizer(keras.optimizers.SGD(0.1), l2=0.5, n=3, layers=select_layers(model),
+                                 mode="decoupled")
+    optimizer.build(model.trainable_variables)
+    values = [keras.ops.convert_to_tensor(v) for v in model.trainable_variables]
+    before = [keras.ops.convert_to_numpy(v).copy() for v in values]
+    grads = [keras.ops.zeros_like(v) for v in values]
+    new, _ = optimizer.stateless_apply([v.value for v in optimizer.variables], grads, values)
+    for value, old in zip(values, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(value), old)
+    for variable, old in zip(model.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), old)
+    kernel = keras.ops.convert_to_numpy(new[0])
+    np.testing.assert_allclose(kernel, before[0] * (1 - 2 * 0.5 / 3 * 0.1), rtol=1e-14)
+
+
 @pytest.mark.parametrize("scaling", ["loss_scale_factor", "inner_loss_scale_optimizer", "outer_loss_scale_optimizer"])
 def test_coupled_under_loss_scaling_equals_regularizer_route(float64, scaling):
     """The penalty's gradient is scaled like the data gradient: never twice, never not at all."""

@@ -5,7 +5,8 @@ TensorFlow or JAX, and every use of a private Keras, TensorFlow or JAX
 attribute lives here, in the manner of Keras' own `backend/` folder: the
 math, the routes, the metrics and tracking ask this module, so that a Keras
 release that moves an internal breaks one file. `tests/test_backend.py`
-checks each of these against the installed Keras and fails with a message
+checks each of these against the installed Keras (and on PyTorch the
+multi-tensor multiply of `backend.updates`) and fails with a message
 that names what moved.
 
 Example:
