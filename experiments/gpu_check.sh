@@ -269,7 +269,7 @@ fi
 run_stacked() {  # run_stacked BACKEND
     local rounds=${STACKED_ROUNDS:-3}
     [[ $QUICK == 1 ]] && rounds=1
-    say "KERAS_BACKEND=$1 $PY experiments/stacked_benchmark.py --fit-only --rounds $rounds"
+    say "KERAS_BACKEND=$1 XLA_PYTHON_CLIENT_PREALLOCATE=false $PY experiments/stacked_benchmark.py --fit-only --rounds $rounds"
     KERAS_BACKEND=$1 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 10 "$STEP_LIMIT" \
         "$PY" experiments/stacked_benchmark.py --fit-only --rounds "$rounds" 2>&1 | tee "$RUNDIR/stacked_$1.log"
     return "${PIPESTATUS[0]}"

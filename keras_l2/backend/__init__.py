@@ -1,8 +1,8 @@
 """The one adapter between keras_l2 and the Keras backend it runs on.
 
 Every `keras.backend.backend()` branch of keras_l2, every import of
-TensorFlow or JAX, and every use of a private Keras, TensorFlow or JAX
-attribute lives here, in the manner of Keras' own `backend/` folder: the
+TensorFlow or JAX, and every use of a private Keras, TensorFlow, JAX or
+PyTorch attribute lives here, in the manner of Keras' own `backend/` folder: the
 math, the routes, the metrics and tracking ask this module, so that a Keras
 release that moves an internal breaks one file. `tests/test_backend.py`
 checks each of these against the installed Keras (and on PyTorch the
