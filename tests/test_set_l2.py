@@ -128,3 +128,18 @@ def test_lambda_float32_cannot_hold_is_reported_as_set():
     assert l2_routes(model).l2 == 3e-3
     assert history.history["lambda"] == [1e-3, 3e-3]
     assert float(keras.ops.convert_to_numpy(optimizer.l2_variable)) == np.float32(3e-3)
+
+
+def test_regularizing_a_model_never_compiled_keeps_jax_caches(monkeypatch):
+    """Nothing of a fresh model is traced: clearing JAX's caches would only make later models compile again."""
+    from keras_l2 import backend
+
+    cleared = []
+    monkeypatch.setattr(backend, "forget_jax_traces", lambda: cleared.append(True))
+    fresh = mlp()
+    regularize(fresh, l2=0.1, n=10)
+    assert cleared == []
+    compiled = mlp()
+    compiled.compile(optimizer="sgd", loss="categorical_crossentropy")
+    regularize(compiled, l2=0.1, n=10)
+    assert cleared == [True]
