@@ -114,6 +114,8 @@ def updated_weights(inner, mode: str, chosen: frozenset, n: int, variables: list
         g = ops.cast(g, w.dtype)
         if id(variable) in chosen:
             if mode == "decoupled":
+                # The difference form, differentiable in l2 (PyTorch's real step multiplies in place,
+                # `l2_math.decay`: the same function of l2, rounded differently by about an ulp).
                 w = l2_math.decayed(w, l2, n, lr)
             else:
                 g = ops.add(g, l2_math.penalty_gradient(w, l2, n))
