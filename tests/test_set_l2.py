@@ -130,16 +130,31 @@ def test_lambda_float32_cannot_hold_is_reported_as_set():
     assert float(keras.ops.convert_to_numpy(optimizer.l2_variable)) == np.float32(3e-3)
 
 
-def test_regularizing_a_model_never_compiled_keeps_jax_caches(monkeypatch):
-    """Nothing of a fresh model is traced: clearing JAX's caches would only make later models compile again."""
-    from keras_l2 import backend
+def test_regularizing_a_fresh_model_keeps_jax_caches(monkeypatch):
+    """A fresh model has nothing traced: clearing JAX's caches would only make later models compile again."""
+    from keras_l2 import backend, steps
 
     cleared = []
     monkeypatch.setattr(backend, "forget_jax_traces", lambda: cleared.append(True))
     fresh = mlp()
+    steps.mark_fresh(fresh)
     regularize(fresh, l2=0.1, n=10)
     assert cleared == []
-    compiled = mlp()
-    compiled.compile(optimizer="sgd", loss="categorical_crossentropy")
-    regularize(compiled, l2=0.1, n=10)
+    fresh.compile(optimizer="sgd", loss="categorical_crossentropy")
+    regularize(fresh, l2=0.2, n=10)
     assert cleared == [True]
+    regularize(mlp(), l2=0.1, n=10)  # not known to be fresh: its layers may be in a compiled model
+    assert cleared == [True, True]
+
+
+def test_set_l2_on_an_inner_model_reaches_the_compiled_outer_model(float64):
+    """The outer model traces the inner one's kernels: its steps must see the new lambda on every backend."""
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, kernel_initializer="ones")])
+    outer = keras.Sequential([inner, keras.layers.Dense(2)])
+    regularize(inner, l2=1.0, n=1)
+    outer.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x, y = np.ones((3, 4)), np.zeros((3, 2))
+    before = outer.evaluate(x, y, verbose=0)
+    set_l2(inner, 0.0)
+    after = outer.evaluate(x, y, verbose=0)
+    assert before - after > 30.0  # the penalty of a ones 4x8 kernel at lambda 1: 32

@@ -34,6 +34,7 @@ import sys
 
 import keras
 
+from keras_l2 import steps
 from keras_l2.routes import apply_route, make_optimizer
 from keras_l2.selection import select_layers
 
@@ -123,7 +124,9 @@ def build_run(build, seed: int, scope: str | None = None) -> keras.Model:
     keras.utils.clear_session()  # the same auto-generated layer names in every run
     keras.utils.set_random_seed(seed)
     with keras.name_scope(scope) if scope else contextlib.nullcontext():
-        return build()
+        model = build()
+    steps.mark_fresh(model)  # built here for this run alone: no compiled model holds its layers
+    return model
 
 
 def compile_run(model, l2: float, *, route: str, n: int, layers: str | None, optimizer="adam",
