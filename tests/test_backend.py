@@ -166,16 +166,28 @@ def test_limit_threads_caps_the_backends_threads_or_says_what_to_do(tmp_path):
 
 
 def test_the_decay_in_place_internals_are_there():
-    """`backend.updates`: Keras' scope queries, and on PyTorch the multi-tensor multiply Keras' own optimizers use."""
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-    from keras.src.backend.common.variables import get_autocast_scope
+    """`backend.updates`: Keras' stateless scope, a variable's own tensor and dtype, PyTorch's multi-tensor multiply."""
+    from keras.src.backend.common.stateless_scope import get_stateless_scope, in_stateless_scope
+    from keras.src.backend.common.variables import AutocastScope
 
-    assert not in_stateless_scope() and get_autocast_scope() is None
-    with keras.StatelessScope():
-        assert in_stateless_scope()
-    if keras.backend.backend() == "torch":
+    from keras_l2.backend import updates
+
+    variable = keras.Variable(np.full((2,), 1.5, dtype="float32"))
+    assert not in_stateless_scope() and get_stateless_scope() is None
+    with keras.StatelessScope() as scope:
+        assert in_stateless_scope() and get_stateless_scope() is scope
+        assert scope.get_current_value(variable) is None
+    assert variable._dtype == "float32" and variable._value is not None
+    # In an autocast scope the variable reads as float16; the decay must still be float32's.
+    with AutocastScope("float16"):
+        assert variable.dtype == "float16"
+        updates.decay_in_place([variable], decayed=lambda v: v * (1 - np.float32(1e-3)),
+                               factor=lambda dtype: keras.ops.convert_to_tensor(1 - 1e-3, dtype=dtype))
+    assert variable.dtype == "float32"
+    if keras.backend.backend() == "torch":  # (TensorFlow and JAX decay through `decayed`, read in float16)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), np.float32(1.5) * np.float32(1 - 1e-3))
         import torch
 
-        values = [torch.ones(2), torch.ones(3, dtype=torch.float64)]
-        torch._foreach_mul_(values[:1], torch.tensor(0.5))
+        values = [torch.ones(2)]
+        torch._foreach_mul_(values, torch.tensor(0.5))
         assert values[0].tolist() == [0.5, 0.5]

@@ -8,8 +8,9 @@ that the two round alike (`tests/test_routes.py` holds them equal bit for
 bit where the coefficients themselves are equal), and on PyTorch it makes one
 pass over the weights with no temporary tensor (the difference form made
 three temporaries and a copy per kernel, each a fresh allocation of the
-kernel's size). Inside a `StatelessScope` or an autocast scope PyTorch
-assigns the same product instead: nothing outside the scope changes.
+kernel's size). Inside a `StatelessScope` PyTorch assigns the same product
+instead, so nothing outside the scope changes; an autocast scope changes
+neither the tensors decayed nor the dtype of their factor.
 
 Example:
 
@@ -26,8 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import keras
-from keras.src.backend.common.stateless_scope import in_stateless_scope
-from keras.src.backend.common.variables import get_autocast_scope
+from keras.src.backend.common.stateless_scope import get_stateless_scope, in_stateless_scope
 
 
 def decay_in_place(variables: Sequence, decayed: Callable, factor: Callable) -> None:
@@ -43,17 +43,22 @@ def decay_in_place(variables: Sequence, decayed: Callable, factor: Callable) -> 
         for variable in variables:
             variable.assign(decayed(variable))
         return
-    if in_stateless_scope() or get_autocast_scope() is not None:
-        # `variable.value` is then the scope's tensor (the caller's own, or a cast copy): change
-        # nothing in place; the same product, assigned, rounds the same.
-        for variable in variables:
-            variable.assign(keras.ops.multiply(variable, factor(variable.dtype)))
-        return
     import torch
 
+    # The variables' own tensors and dtypes (`_value`, `_dtype`): `variable.value` and
+    # `variable.dtype` would give an autocast scope's cast copy and dtype.
+    if in_stateless_scope():
+        # The scope's values are the caller's tensors: change nothing in place; the
+        # same product, assigned to the scope, rounds the same.
+        scope = get_stateless_scope()
+        for variable in variables:
+            value = scope.get_current_value(variable)
+            value = variable._value if value is None else value
+            variable.assign(torch.mul(value, factor(variable._dtype)))
+        return
     by_dtype: dict = {}
     for variable in variables:
-        by_dtype.setdefault(variable.dtype, []).append(variable.value)
+        by_dtype.setdefault(variable._dtype, []).append(variable._value)
     # In place on the parameters themselves: outside Keras' train step (an `apply` of the
     # user's own) autograd would refuse an in-place change of a leaf that requires grad.
     with torch.no_grad():
