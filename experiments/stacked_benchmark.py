@@ -70,20 +70,6 @@ def timed(case: str, stacked: bool, root: str) -> float:
     return time.perf_counter() - start
 
 
-class EpochClock(keras.callbacks.Callback):
-    """Seconds of each epoch (Keras reads the logs back at an epoch's end, so queued work is inside)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def fit_only(members: int = 8, epochs: int = 4, examples: int = 8192, stacked_first: bool = False) -> dict:
     """`members` separate fits against one stacked fit of them (no tracking), split by epoch.
 
@@ -95,6 +81,7 @@ def fit_only(members: int = 8, epochs: int = 4, examples: int = 8192, stacked_fi
     from keras_l2.routes import apply_route, make_optimizer
     from keras_l2.search.models import build_run, choose_layers
     from keras_l2.search.stacking import stack_models
+    from keras_l2.search.training import EpochClock
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(examples, 784)).astype("float32")

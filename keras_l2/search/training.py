@@ -153,3 +153,17 @@ class _StackProgress(_Progress):
         losses = [(member_logs(logs, k).get("val_data_loss"), l2) for k, l2 in enumerate(self.lambdas)]
         best = min(((v, l2) for v, l2 in losses if v is not None), default=None)
         return f"best val_data_loss {best[0]:.4f} (l2={best[1]:g})" if best else ""
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Seconds of each epoch (Keras reads the logs back at an epoch's end, so queued work is inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)

@@ -68,7 +68,7 @@ from keras_l2.search.hypergradient import hypergradient
 from keras_l2.search.models import build_run
 from keras_l2.search.parent import end_parent, start_parent
 from keras_l2.search.runner import PreparedSweep, prepare_sweep
-from keras_l2.search.training import RunPlan, train_one, train_stack
+from keras_l2.search.training import EpochClock, RunPlan, train_one, train_stack
 
 # The confirmation's λ, as multiples of λ̂: a quarter decade either side. λ̂ itself is not trained: in the six
 # cases of experiments/tune_quality.py it won once, by 2%, and a third member costs 0.3-0.5 runs (README).
@@ -263,21 +263,9 @@ def plain_run_seconds(build, data: SweepData, config: SweepConfig, sample: int =
     first = time.perf_counter() - start
     if config.epochs == 1:
         return first
-    clock = _EpochClock()
+    clock = EpochClock()
     model.fit(**data.fit_args(config.batch_size), epochs=min(sample, config.epochs - 1), verbose=0, callbacks=[clock])
     return first + (config.epochs - 1) * float(np.median(clock.seconds))
-
-
-class _EpochClock(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def report(results: list, summary: dict, parent_id: str, tracking_uri: str) -> str:
