@@ -264,8 +264,8 @@ if [[ " $PARTS " == *" bench "* ]]; then
     for backend in $BACKENDS; do step "benchmark ($backend)" run_bench "$backend"; done
 fi
 # The stacked sweep's row: 8 members of 784-1024-1024-10 at batch 256 in one model, against 8 separate fits,
-# the whole fit, its first epoch and the later ones timed apart. JAX preallocates nothing, as in the tests
-# (a run with its default preallocation, and 2 epochs, timed the stack at 21-23 s against 4-5 s since: README).
+# building, the whole fit, its first epoch and the later ones timed apart. JAX preallocates nothing, as in the
+# tests (the stack shares the GPU with nothing else here).
 run_stacked() {  # run_stacked BACKEND
     local rounds=${STACKED_ROUNDS:-3}
     [[ $QUICK == 1 ]] && rounds=1

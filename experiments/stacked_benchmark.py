@@ -89,7 +89,7 @@ def fit_only(members: int = 8, epochs: int = 4, examples: int = 8192, stacked_fi
     build = mlp_function(784, 10, (1024, 1024))
     lambdas = [0.0] + [10.0 ** k for k in range(-3, members - 4)]
 
-    def timed(make) -> tuple:
+    def build_and_fit(make) -> tuple:
         start = time.perf_counter()
         model = make()
         built = time.perf_counter()
@@ -110,10 +110,10 @@ def fit_only(members: int = 8, epochs: int = 4, examples: int = 8192, stacked_fi
 
     # Whichever side goes first compiles what both use (JAX's caches are global): alternate.
     if stacked_first:
-        stacked = timed(stack)
-    sequential = [timed(lambda l2=l2: one(l2)) for l2 in lambdas]
+        stacked = build_and_fit(stack)
+    sequential = [build_and_fit(lambda l2=l2: one(l2)) for l2 in lambdas]
     if not stacked_first:
-        stacked = timed(stack)
+        stacked = build_and_fit(stack)
     return {"sequential": tuple(sum(parts) for parts in zip(*sequential, strict=True)), "stacked": stacked}
 
 

@@ -131,13 +131,13 @@ def test_lambda_float32_cannot_hold_is_reported_as_set():
 
 
 def test_regularizing_a_fresh_model_keeps_jax_caches(monkeypatch):
-    """A fresh model has nothing traced: clearing JAX's caches would only make later models compile again."""
-    from keras_l2 import backend, steps
+    """A run's fresh model has nothing traced: clearing JAX's caches would only make later models compile again."""
+    from keras_l2 import backend
+    from keras_l2.search.models import build_run
 
     cleared = []
     monkeypatch.setattr(backend, "forget_jax_traces", lambda: cleared.append(True))
-    fresh = mlp()
-    steps.mark_fresh(fresh)
+    fresh = build_run(mlp, 0)  # as every run of a sweep and member of a stack is built
     regularize(fresh, l2=0.1, n=10)
     assert cleared == []
     fresh.compile(optimizer="sgd", loss="categorical_crossentropy")
