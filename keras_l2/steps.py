@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 
 from keras_l2 import backend
-from keras_l2.backend import lambdas
+from keras_l2.backend import lambdas, traces
 from keras_l2.inventory import L2Routes, penalty_terms
 
 _STATE = "_keras_l2_step_state"
@@ -144,7 +144,9 @@ def _switch(model, state: _State, attached: bool) -> None:
     leaves `None`, which Keras re-creates at the next `fit`/`evaluate`.
     """
     if not backend.keeps_traced_functions():
-        backend.forget_jax_traces()
+        # JAX: new step functions of this model alone (its own hook changed); other models'
+        # programs stay compiled, as `jax.clear_caches()` would not leave them.
+        traces.renew_step_methods(model)
         for name in _STEP_FUNCTIONS:
             setattr(model, name, None)
         return

@@ -23,6 +23,7 @@ MODULES = [
     "keras_l2.search.models", "keras_l2.search.runner", "keras_l2.search.report", "keras_l2.search.command",
     "keras_l2.search.stacked", "keras_l2.search.stacking", "keras_l2._lazy", "keras_l2.cli", "keras_l2.tracking.resend",
     "keras_l2.backend.autodiff", "keras_l2.backend.lambdas", "keras_l2.backend.host", "keras_l2.backend.updates",
+    "keras_l2.backend.traces",
     "keras_l2.search.hypergradient",
     "keras_l2.search.tuning",
     "keras_l2.search.tune_command", "keras_l2.search.study_storage", "keras_l2.search.postgres",

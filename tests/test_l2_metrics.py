@@ -180,3 +180,26 @@ def test_reattaching_reuses_traces_but_never_a_stale_lambda(float64, route):
     attach_l2_metrics(model)
     assert model.train_function is None  # a recompile invalidates every kept trace
     assert with_metrics is not None and plain is not None
+
+
+def test_attaching_and_detaching_leave_every_other_compiled_program(monkeypatch):
+    """On JAX, clearing all of JAX's caches at each attach made every later model compile everything again.
+
+    The new step functions come from new keys instead (`keras_l2.backend.traces`); that they never
+    serve a stale trace is `test_reattaching_reuses_traces_but_never_a_stale_lambda`'s to check.
+    """
+    from keras_l2 import backend
+
+    cleared = []
+    monkeypatch.setattr(backend, "forget_jax_traces", lambda: cleared.append("forget_jax_traces"))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append("jax.clear_caches"))
+    model, _, x, y = _sgd_on_both_layers("coupled")
+    for _ in range(2):
+        attach_l2_metrics(model)
+        history = model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0).history
+        detach_l2_metrics(model)
+        assert "l2_penalty" in history
+    assert cleared == []
