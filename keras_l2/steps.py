@@ -77,6 +77,21 @@ def retrace(model) -> None:
     if state is not None and state.fresh and not getattr(model, "compiled", False):
         return
     backend.forget_jax_traces()
+    _remake(model)
+
+
+def renew(model) -> None:
+    """Makes `model` trace new step functions, from its next step on, without touching other models.
+
+    For a change that only this model's steps see: a stack's members' metrics
+    hooks, which its step calls (`keras_l2.search.stacked`). Keras reads
+    `train_function` before every step, so this works from `on_train_begin`.
+    """
+    traces.renew_step_methods(model)
+    _remake(model)
+
+
+def _remake(model) -> None:
     if getattr(model, "train_function", None) is not None:
         model.make_train_function(force=True)
     if getattr(model, "test_function", None) is not None:

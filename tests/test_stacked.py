@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_l2 import apply_route, attach_l2_metrics, select_layers
+from keras_l2 import apply_route, attach_l2_metrics, detach_l2_metrics, select_layers
 from keras_l2.search.config import SweepConfig, check_config
 from keras_l2.search.stacked import member_logs
 from keras_l2.search.stacking import stack_models
@@ -165,6 +165,44 @@ def test_member_callbacks_need_one_list_per_member():
     x, y = data(N, inputs=5)
     with pytest.raises(ValueError, match=r"one list per member \(2\)"):
         stack.fit(x, y, epochs=1, verbose=0, member_callbacks=[[]])
+
+
+class _Metrics(keras.callbacks.Callback):
+    """A member callback that puts the in-step metrics on its member for one `fit`, as a logger does."""
+
+    def on_train_begin(self, logs=None):
+        attach_l2_metrics(self.model)
+
+    def on_train_end(self, logs=None):
+        detach_l2_metrics(self.model)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("first", ["fit", "evaluate"])
+def test_a_second_fit_with_member_metrics_reports_them_as_one_longer_fit_does(float64, first):
+    """The stack's step calls its members' metrics hooks: steps traced before they were attached must not serve."""
+    x, y = data(N, inputs=5)
+
+    def stack():
+        return stack_models(deep_mlp, (0.0, 1.0), route="regularizer", n=N)
+
+    def with_metrics():
+        return [[_Metrics()], [_Metrics()]]
+
+    again = stack()
+    if first == "fit":
+        again.fit(x, y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0)  # no member callbacks
+    else:
+        again.evaluate(x, y, verbose=0)
+        again.fit(x, y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0, member_callbacks=with_metrics())
+    second = again.fit(x, y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0, validation_data=(x, y),
+                       member_callbacks=with_metrics()).history
+    longer = stack().fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0, validation_data=(x, y),
+                         member_callbacks=with_metrics()).history
+    for k in range(2):
+        ours, theirs = member_logs(second, k), member_logs(longer, k)
+        for key in ("l2_penalty", "data_loss", "val_l2_penalty", "val_data_loss"):
+            np.testing.assert_allclose(ours[key][0], theirs[key][1], rtol=1e-10, err_msg=f"member {k}: {key}")
 
 
 def two_layer_model():

@@ -7,20 +7,16 @@ then `build()`), puts L2 on it through the route with its own λ, compiles it
 with its own optimizer, and joins the members in one `StackedModel`: K towers
 side by side that see the same batches.
 
-Why it is exact: the stack's training objective is the **sum** of the
-members' objectives and no weight is shared, so each member's gradient is
-exactly the gradient of its own objective; `StackedOptimizer` hands each
-member's gradients to that member's own optimizer (Adam, SGD, an
-`L2DecayOptimizer`, ...), which updates exactly as in a separate run. So a
-member's weights and logs equal its separate run's (to float rounding: a
-compiler may order the same arithmetic differently in a larger graph) when
-both start from the same seed and see the same data order. Dropout is
-exact too on TensorFlow and JAX: each member's layers draw from their own
-seed generators, made when the member was built. On PyTorch Keras draws an
-unseeded `Dropout`'s masks from torch's global generator, which the members
-share: there a member equals its run only in distribution, unless its
-Dropout has a `seed`. Members are towers, so `BatchNormalization` only ever
-sees its own member's activations (nothing is mixed).
+Why it is exact: the stack's training objective is the **sum** of the members' objectives and no weight is
+shared, so each member's gradient is exactly the gradient of its own objective; `StackedOptimizer` hands each
+member's gradients to that member's own optimizer (Adam, SGD, an `L2DecayOptimizer`, ...), which updates exactly
+as in a separate run. So a member's weights and logs equal its separate run's (to float rounding: a compiler may
+order the same arithmetic differently in a larger graph) when both start from the same seed and see the same
+data order. Dropout is exact too on TensorFlow and JAX: each member's layers draw from their own seed
+generators, made when the member was built. On PyTorch Keras draws an unseeded `Dropout`'s masks from torch's
+global generator, which the members share: there a member equals its run only in distribution, unless its
+Dropout has a `seed`. Members are towers, so `BatchNormalization` only ever sees its own member's activations
+(nothing is mixed).
 
 What would couple members is refused before training (by `stack_models`):
 `global_clipnorm` (one norm over every member's gradients) and loss scaling
@@ -59,7 +55,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_l2 import backend
+from keras_l2 import backend, steps
 
 PREFIX = "member_{}/"
 
@@ -165,6 +161,7 @@ class StackedModel(keras.Model):
         super().__init__(name=name)
         self.members = tuple(members)
         self.towers = [member.model for member in self.members]
+        self.__dict__["_traced_hooks"] = (None,) * len(self.towers)  # untracked: see _NewHooksNewSteps
 
     def call(self, inputs, training=False):
         return [tower(inputs, training=training) for tower in self.towers]
@@ -206,7 +203,7 @@ class StackedModel(keras.Model):
                 raise ValueError(f"member_callbacks: one list per member ({len(self.members)}). "
                                  f"Received: {len(member_callbacks)} lists")
             callbacks += [MemberCallbacks(self, k, list(c)) for k, c in enumerate(member_callbacks) if c]
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        return super().fit(*args, callbacks=[*callbacks, _NewHooksNewSteps(self)], **kwargs)
 
     def get_config(self):
         raise NotImplementedError("A StackedModel is not saved; save each member's model (stack.members).")
@@ -263,6 +260,21 @@ class MemberCallbacks(keras.callbacks.Callback):
 
     def on_test_end(self, logs=None):
         self._call("on_test_end", logs=logs)
+
+
+class _NewHooksNewSteps(keras.callbacks.Callback):
+    """After the members' callbacks attached (or left off) their metrics hooks, which the stack's step calls:
+    steps traced with other hooks (by an earlier `fit` or `evaluate`) would log the wrong members' metrics."""
+
+    def __init__(self, stack: StackedModel):
+        super().__init__()
+        self.stack = stack
+
+    def on_train_begin(self, logs=None):
+        hooks = tuple(None if h is None else id(h) for h in map(steps.metrics_hook, self.stack.towers))
+        if hooks != self.stack.__dict__["_traced_hooks"]:
+            steps.renew(self.stack)
+        self.stack.__dict__["_traced_hooks"] = hooks
 
 
 _BATCH_HOOKS = ("on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end",
