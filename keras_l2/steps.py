@@ -87,8 +87,7 @@ def renew(model) -> None:
     hooks, which its step calls (`keras_l2.search.stacked`). Keras reads
     `train_function` before every step, so this works from `on_train_begin`.
     """
-    traces.renew_step_methods(model)
-    _remake(model)
+    _remake_anew(model, now=True)
 
 
 def _remake(model) -> None:
@@ -96,6 +95,18 @@ def _remake(model) -> None:
         model.make_train_function(force=True)
     if getattr(model, "test_function", None) is not None:
         model.make_test_function(force=True)
+
+
+def _remake_anew(model, now: bool) -> None:
+    """New train and test functions for a compiled model, traced anew: made `now`, or where Keras'
+    own would share a trace with the old ones (JAX: made under keys only they hold), else at the
+    next `fit` or `evaluate`."""
+    for name in _STEP_FUNCTIONS:
+        setattr(model, name, None)
+    if getattr(model, "compiled", False) and (now or traces.traces_keyed_by_method()):
+        with traces.renewed_step_methods(model):
+            model.make_train_function(force=True)
+            model.make_test_function(force=True)
 
 
 def mark_fresh(model) -> None:
@@ -161,9 +172,7 @@ def _switch(model, state: _State, attached: bool) -> None:
     if not backend.keeps_traced_functions():
         # JAX: new step functions of this model alone (its own hook changed); other models'
         # programs stay compiled, as `jax.clear_caches()` would not leave them.
-        traces.renew_step_methods(model)
-        for name in _STEP_FUNCTIONS:
-            setattr(model, name, None)
+        _remake_anew(model, now=False)
         return
     key = _trace_key(model)
     current = tuple(getattr(model, name, None) for name in _STEP_FUNCTIONS)

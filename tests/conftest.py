@@ -11,10 +11,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # As in CI (where MLflow turns it off itself): its client sets and pops a variable from another
 # thread, which races with MLflow's own requests (KeyError: '_MLFLOW_TELEMETRY_SESSION_ID').
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# JAX: keras_l2 clears JAX's in-memory caches whenever a step must be traced anew (keras_l2.steps), and
-# the tests do that hundreds of times, each time compiling the same programs again. One compilation
-# cache on disk per test run, which pytest-xdist's workers inherit, keeps what was compiled (here the
-# JAX suite took 192 s with it, 345 s without). Tracing still happens as before; only XLA's work is kept.
+# JAX: `set_l2` and a new route clear JAX's in-memory caches (keras_l2.steps.retrace: models may share
+# layers), and the tests do that hundreds of times, each time compiling the same programs again. One
+# compilation cache on disk per test run, which pytest-xdist's workers (and the processes tests start)
+# inherit, keeps what was compiled (the JAX suite took 192-207 s with it, 345 s without, before the
+# metrics stopped clearing the caches too). Tracing happens as before; only XLA's work is kept.
 _JAX_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _JAX_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="keras_l2-tests-jax-cache-")

@@ -193,27 +193,28 @@ def test_the_decay_in_place_internals_are_there():
         assert values[0].tolist() == [0.5, 0.5]
 
 
-def test_renewed_step_methods_call_what_was_there_and_never_nest():
-    """`traces.renew_step_methods`: on JAX a new callable per call, in front of the same step (a no-op elsewhere)."""
+def test_renewed_step_methods_call_what_was_there_and_leave_nothing_behind():
+    """`traces.renewed_step_methods`: on JAX new keys in front of the same steps, for what is made inside only."""
     from keras_l2.backend import traces
 
     model = mlp()
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     x, y = data(6)
     before = model.evaluate(x, y, verbose=0)
-    traces.renew_step_methods(model)
-    first = model.train_step
-    traces.renew_step_methods(model)
-    if keras.backend.backend() != "jax":
-        assert "train_step" not in model.__dict__
-        return
-    assert model.train_step is not first and model.train_step.func == type(model).train_step.__get__(model)
-    model.test_function = None
+    with traces.renewed_step_methods(model):
+        inside = model.train_step
+        model.make_test_function(force=True)
+    assert "train_step" not in vars(model) and "test_step" not in vars(model)
     assert model.evaluate(x, y, verbose=0) == before
+    if keras.backend.backend() != "jax":
+        assert inside == type(model).train_step.__get__(model)
+        return
+    assert inside.func == type(model).train_step.__get__(model)
 
     def mine(data):
         return type(model).train_step(model, data)
 
-    model.train_step = mine  # one the user set on the model is kept behind the new key
-    traces.renew_step_methods(model)
-    assert model.train_step.func is mine
+    model.train_step = mine  # one the user set on the model is called behind the new key, and kept
+    with traces.renewed_step_methods(model):
+        assert model.train_step.func is mine
+    assert model.train_step is mine

@@ -203,6 +203,9 @@ def test_a_second_fit_with_member_metrics_reports_them_as_one_longer_fit_does(fl
         ours, theirs = member_logs(second, k), member_logs(longer, k)
         for key in ("l2_penalty", "data_loss", "val_l2_penalty", "val_data_loss"):
             np.testing.assert_allclose(ours[key][0], theirs[key][1], rtol=1e-10, err_msg=f"member {k}: {key}")
+    # And back: once the member callbacks are gone, an evaluate reports what a stack without them reports.
+    plain = stack().evaluate(x, y, verbose=0, return_dict=True)
+    assert sorted(again.evaluate(x, y, verbose=0, return_dict=True)) == sorted(plain)
 
 
 def two_layer_model():

@@ -283,7 +283,8 @@ GRID = ("--lambdas", "0,0.01,0.03,0.1,0.3,1", "--seeds", "2", "--epochs", "6", "
 # CPU with oneDNN its import writes a banner to stderr that no setting short of TF_ENABLE_ONEDNN_OPTS=0 (which changes
 # numerics) silences (abseil/abseil-cpp#1957). Those lines are TensorFlow's; what keras-l2 writes is the rest.
 NATIVE_LOG_LINE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)"
-                             r"|[IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+                             r"|[IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+                             r"|To enable the following instructions: .* rebuild TensorFlow")  # cpu_feature_guard's 2nd
 
 
 def own_lines(stderr: str) -> list:

@@ -161,7 +161,7 @@ class StackedModel(keras.Model):
         super().__init__(name=name)
         self.members = tuple(members)
         self.towers = [member.model for member in self.members]
-        self.__dict__["_traced_hooks"] = (None,) * len(self.towers)  # untracked: see _NewHooksNewSteps
+        self.__dict__["_traced_hooks"] = (None,) * len(self.towers)  # see _match_hooks
 
     def call(self, inputs, training=False):
         return [tower(inputs, training=training) for tower in self.towers]
@@ -203,7 +203,16 @@ class StackedModel(keras.Model):
                 raise ValueError(f"member_callbacks: one list per member ({len(self.members)}). "
                                  f"Received: {len(member_callbacks)} lists")
             callbacks += [MemberCallbacks(self, k, list(c)) for k, c in enumerate(member_callbacks) if c]
-        return super().fit(*args, callbacks=[*callbacks, _NewHooksNewSteps(self)], **kwargs)
+        # Once the members' callbacks attached (or not) their metrics hooks:
+        match = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: self._match_hooks())
+        return super().fit(*args, callbacks=[*callbacks, match], **kwargs)
+
+    def _match_hooks(self):
+        """The stack's step calls its members' metrics hooks: steps traced with others must not serve."""
+        hooks = tuple(map(steps.metrics_hook, self.towers))
+        if any(now is not then for now, then in zip(hooks, self.__dict__["_traced_hooks"], strict=True)):
+            steps.renew(self)
+        self.__dict__["_traced_hooks"] = hooks  # in __dict__: Keras would track the hooks' metrics
 
     def get_config(self):
         raise NotImplementedError("A StackedModel is not saved; save each member's model (stack.members).")
@@ -260,21 +269,6 @@ class MemberCallbacks(keras.callbacks.Callback):
 
     def on_test_end(self, logs=None):
         self._call("on_test_end", logs=logs)
-
-
-class _NewHooksNewSteps(keras.callbacks.Callback):
-    """After the members' callbacks attached (or left off) their metrics hooks, which the stack's step calls:
-    steps traced with other hooks (by an earlier `fit` or `evaluate`) would log the wrong members' metrics."""
-
-    def __init__(self, stack: StackedModel):
-        super().__init__()
-        self.stack = stack
-
-    def on_train_begin(self, logs=None):
-        hooks = tuple(None if h is None else id(h) for h in map(steps.metrics_hook, self.stack.towers))
-        if hooks != self.stack.__dict__["_traced_hooks"]:
-            steps.renew(self.stack)
-        self.stack.__dict__["_traced_hooks"] = hooks
 
 
 _BATCH_HOOKS = ("on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end",
