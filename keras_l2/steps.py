@@ -103,7 +103,10 @@ def _remake_anew(model, now: bool) -> None:
     next `fit` or `evaluate`."""
     for name in _STEP_FUNCTIONS:
         setattr(model, name, None)
-    if getattr(model, "compiled", False) and (now or traces.traces_keyed_by_method()):
+    # An optimizer not yet built: no step function was ever made (every fit and evaluate builds it
+    # first), and one made now would take its shardings from a state not yet built.
+    built = getattr(getattr(model, "optimizer", None), "built", False)
+    if getattr(model, "compiled", False) and (now or (built and traces.traces_keyed_by_method())):
         with traces.renewed_step_methods(model):
             model.make_train_function(force=True)
             model.make_test_function(force=True)

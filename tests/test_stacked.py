@@ -208,6 +208,20 @@ def test_a_second_fit_with_member_metrics_reports_them_as_one_longer_fit_does(fl
     assert sorted(again.evaluate(x, y, verbose=0, return_dict=True)) == sorted(plain)
 
 
+@pytest.mark.core
+def test_an_evaluate_after_attaching_a_members_metrics_reports_them(float64):
+    """A stack whose test step was traced before a member's metrics were attached must not report zeros."""
+    x, y = data(N, inputs=5)
+    stack = stack_models(deep_mlp, (0.0, 1.0), route="regularizer", n=N)
+    stack.evaluate(x, y, verbose=0)
+    attach_l2_metrics(stack.towers[1])
+    reported = stack.evaluate(x, y, verbose=0, return_dict=True)
+    member = stack.towers[1]
+    expected = member.evaluate(x, y, verbose=0, return_dict=True)
+    assert reported["member_1/l2_penalty"] > 0
+    np.testing.assert_allclose(reported["member_1/l2_penalty"], expected["l2_penalty"], rtol=1e-10)
+
+
 def two_layer_model():
     inputs = keras.Input((8,))
     hidden = keras.layers.Dense(16, activation="relu", name="wide")(inputs)

@@ -247,7 +247,7 @@ def keeps_traced_functions() -> bool:
     """Whether a model's step functions are traced objects that can be kept and put back.
 
     Only TensorFlow's are: on JAX a new step function reuses the cache of the
-    bound `train_step` (see `traces.renew_step_methods`), and torch does not trace.
+    bound `train_step` (see `traces.renewed_step_methods`), and torch does not trace.
     """
     return name() == "tensorflow"
 

@@ -207,6 +207,10 @@ class StackedModel(keras.Model):
         match = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: self._match_hooks())
         return super().fit(*args, callbacks=[*callbacks, match], **kwargs)
 
+    def evaluate(self, *args, **kwargs):
+        self._match_hooks()  # a member's metrics attached since (inside `fit`: nothing changed)
+        return super().evaluate(*args, **kwargs)
+
     def _match_hooks(self):
         """The stack's step calls its members' metrics hooks: steps traced with others must not serve."""
         hooks = tuple(map(steps.metrics_hook, self.towers))
