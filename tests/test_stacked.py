@@ -105,6 +105,34 @@ def test_dropout_and_batch_normalization_members_equal_their_separate_runs(float
         assert_same_run(stack.members[index].model, member_logs(history, index), model, alone)
 
 
+def count_train_step_traces(model) -> list:
+    """Calls of `model.train_step`: on TensorFlow, one per trace of the compiled step."""
+    calls, own = [], model.train_step
+
+    def counted(data):
+        calls.append(data)
+        return own(data)
+
+    model.train_step = counted
+    return calls
+
+
+def test_a_stack_and_a_sweeps_run_trace_their_train_step_once():
+    # TensorFlow only (the other backends have no such second trace to lose): Keras there builds the optimizer
+    # inside the first trace, and a tf.function whose first trace made variables traces again.
+    from keras_l2.search.models import build_run, compile_run
+
+    x, y = data(N + 5, inputs=5)  # (a last, partial batch too)
+    run = build_run(deep_mlp, 3)
+    compile_run(run, 0.5, route="decoupled", n=N, layers=None)
+    stack = stack_models(deep_mlp, (0.0, 2.0), 3, route="loss", n=N)
+    for model in (run, stack):
+        assert model.optimizer.built
+        traces = count_train_step_traces(model)
+        model.fit(x, y, epochs=2, batch_size=BATCH, verbose=0)
+        assert len(traces) == 1, model.name
+
+
 def test_member_logs_takes_one_members_keys_and_validation_keys():
     logs = {"loss": 3.0, "member_0/loss": 1.0, "member_1/loss": 2.0, "val_member_1/accuracy": 0.5,
             "member_10/loss": 9.0}

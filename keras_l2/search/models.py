@@ -134,6 +134,7 @@ def compile_run(model, l2: float, *, route: str, n: int, layers: str | None, opt
     """Puts L2 with `l2` on the chosen layers through `route` and compiles `model`; returns the chosen layers.
 
     `optimizer`: a name in `keras_l2.OPTIMIZERS` (with `learning_rate`), or a function returning a fresh one.
+    Its metrics and optimizer are built here, so the train step is traced once (`steps.build_step_state`).
     """
     fresh = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer()
     if not isinstance(fresh, keras.optimizers.Optimizer):
@@ -141,6 +142,7 @@ def compile_run(model, l2: float, *, route: str, n: int, layers: str | None, opt
     chosen = choose_layers(model, layers)
     fresh, loss = apply_route(model, route, fresh, l2, n, chosen)
     model.compile(optimizer=fresh, loss=loss, metrics=list(metrics))
+    steps.build_step_state(model)
     return chosen
 
 

@@ -98,7 +98,8 @@ class StackedOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         by_id = {id(v): v for v in var_list}
         for optimizer, ids in zip(self.member_optimizers, self._member_ids, strict=True):
-            optimizer.build([by_id[i] for i in ids])
+            if not optimizer.built:  # (`compile_run` builds a member's own on the same variables)
+                optimizer.build([by_id[i] for i in ids])
         super().build(var_list)
 
     @property

@@ -22,7 +22,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import keras
-from keras import ops
 
 from keras_l2 import backend
 from keras_l2._checks import check_lambdas
@@ -76,12 +75,14 @@ def stack_models(build: Callable, lambdas: Sequence, seed: int = 0, *, route: st
                     metrics=metrics)
         for member_optimizer in optimizer_chain(model.optimizer):
             _check_uncoupled(member_optimizer)
-        _build_metrics(model)
         members.append(Member(l2, seed, model))
     stack = StackedModel(members)
     variables = [m.model.trainable_variables for m in members]
     stack.compile(optimizer=StackedOptimizer([m.model.optimizer for m in members], variables),
                   jit_compile=jit_compile)
+    # Its variables are its members', whose optimizers `compile_run` built: built now, the stack's train step
+    # creates no variable and is traced once (`steps.build_step_state`; the stack itself is built by Keras).
+    stack.optimizer.build(stack.trainable_variables)
     return stack
 
 
@@ -135,11 +136,3 @@ def _difference(first: tuple, other: tuple) -> str:
         if a != b:
             return f"layer {a[1]!r} {a[0]} {list(a[2])} against {b[1]!r} {b[0]} {list(b[2])}"
     return f"{len(first)} layers against {len(other)}"
-
-
-def _build_metrics(model) -> None:
-    """Builds the member's compiled metrics now: a traced step must not create variables."""
-    inputs = ops.zeros((1, *model.inputs[0].shape[1:]))
-    prediction = model(inputs, training=False)
-    backend.update_compiled_metrics(model, ops.zeros_like(prediction), prediction, None)
-    model.reset_metrics()
