@@ -124,6 +124,30 @@ def test_free_memory_is_a_positive_number_of_bytes_and_a_place():
     assert isinstance(free, int) and free > 0 and where
 
 
+def test_a_frozen_heap_thaws_at_its_end_and_leaves_an_earlier_freeze_alone():
+    import gc
+
+    outer = gc.get_freeze_count()  # (this test process' own freeze, from conftest, if any)
+    gc.unfreeze()
+    try:
+        held = [object()]
+        with host.frozen_heap():
+            frozen = gc.get_freeze_count()
+            assert frozen >= len(held)
+            after_new = [[] for _ in range(10)]  # made in the block: collected as always, never frozen
+            assert gc.get_freeze_count() == frozen and after_new
+        assert gc.get_freeze_count() == 0
+        gc.freeze()
+        before = gc.get_freeze_count()
+        with host.frozen_heap():
+            assert gc.get_freeze_count() == before
+        assert gc.get_freeze_count() == before  # someone else's freeze: not thawed
+    finally:
+        gc.unfreeze()
+        if outer:
+            gc.freeze()
+
+
 LIMIT_THREADS = """
 from keras_l2 import backend
 from keras_l2.backend import host

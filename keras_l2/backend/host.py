@@ -1,8 +1,9 @@
-"""The machine a run shares: free memory where the weights live, and the CPU threads Keras' ops may use.
+"""The machine a run shares: free memory where the weights live, the CPU threads Keras' ops may use, the heap.
 
 Part of the adapter (`keras_l2.backend`): the backend branches and framework
 calls that size a stack (`keras_l2.search.stacking`) and cap a worker's
-threads (`--threads`, `keras_l2.search.runner`).
+threads (`--threads`, `keras_l2.search.runner`), and the Python heap a
+sweep's job leaves out of full garbage collections (`frozen_heap`).
 
 Example:
 
@@ -15,6 +16,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import keras
@@ -34,6 +36,29 @@ def free_memory() -> tuple[int, str]:
         if torch.cuda.is_available():
             return torch.cuda.mem_get_info()[0], "cuda:0"
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this host"
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Leaves what the process holds now out of Python's full garbage collections until the block ends.
+
+    TensorFlow, JAX, PyTorch and MLflow leave millions of long-lived objects
+    after import, and every full collection walks them all: about 0.4 s each,
+    10 of them in a digits sweep of 7 stacked runs, 4.0-4.4 s of its 38-41 s.
+    Frozen (`gc.freeze`), the collections took 0.3 s in all (TensorFlow,
+    2-core CPU). Objects made in the block are collected as always, and the
+    frozen ones rejoin the oldest generation at its end. If something else
+    froze objects before (a test runner, a server), nothing is done: thawing
+    would undo its freeze.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def limit_threads(count: int) -> None:

@@ -192,10 +192,11 @@ def _jobs(config: SweepConfig, stack_size: int) -> list:
 
 
 def _train(plan: RunPlan, lambdas: tuple, seed: int, position: str) -> list:
-    if plan.config.stacked:
-        return train_stack(plan, lambdas, seed, position)
-    (l2,) = lambdas
-    return [train_one(plan, l2, seed, position)]
+    with host.frozen_heap():  # (in a worker process too)
+        if plan.config.stacked:
+            return train_stack(plan, lambdas, seed, position)
+        (l2,) = lambdas
+        return [train_one(plan, l2, seed, position)]
 
 
 def _run_jobs(plan: RunPlan, jobs: list, started: float) -> list:
