@@ -116,21 +116,26 @@ def _remake_anew(model, now: bool) -> None:
 
 
 def build_step_state(model) -> None:
-    """Builds a compiled model's metrics and optimizer now, so its train step is traced once.
+    """Builds a compiled model's metrics and optimizer now, so that its train step is traced once.
 
     Keras on TensorFlow (without a distribution strategy) builds both inside
     the first trace of the train step, and a `tf.function` whose first trace
     creates variables traces a second time. Built here, with the values
-    Keras' own build gives them (zeros; JAX and PyTorch build them before the
-    first step anyway), the first trace is the only one: the first epoch of a
-    7-member digits stack took 3.4 s instead of 6.1 s, one run's 0.84 s
-    instead of 1.2 s (TensorFlow, without XLA as Keras' `auto` runs it on a
-    CPU; 2-core CPU). The metrics are built by
-    one prediction on zeros (a model without `inputs` keeps Keras' way), the
-    optimizer once every layer is built (before, its variables do not exist).
+    Keras' own build gives them (JAX and PyTorch build them before the first
+    step anyway), the first trace of a one-output model is the only one: the
+    first epoch of a 7-member digits stack took 3.4 s instead of 6.1 s, one
+    run's 0.84 s instead of 1.2 s (TensorFlow, without XLA as Keras' `auto`
+    runs it on a CPU; 2-core CPU). The metrics are built by one prediction on
+    zeros, which draws no random numbers and updates no state (`training=False`),
+    against zero labels of the prediction's shape (one-hot, as every route's
+    categorical cross-entropy takes them); a model without numeric `inputs`
+    keeps Keras' way. The optimizer is built once every layer is (before, its
+    variables do not exist).
     """
-    if getattr(model, "compiled", False) and getattr(model, "inputs", None):
-        zeros = [ops.zeros((1, *tensor.shape[1:]), dtype=tensor.dtype) for tensor in model.inputs]
+    inputs = getattr(model, "inputs", None) or []
+    numeric = all(keras.backend.is_float_dtype(t.dtype) or keras.backend.is_int_dtype(t.dtype) for t in inputs)
+    if getattr(model, "compiled", False) and inputs and numeric:
+        zeros = [ops.zeros((1, *(d or 1 for d in t.shape[1:])), dtype=t.dtype) for t in inputs]
         prediction = model(zeros[0] if len(zeros) == 1 else zeros, training=False)
         backend.update_compiled_metrics(model, keras.tree.map_structure(ops.zeros_like, prediction), prediction, None)
         model.reset_metrics()

@@ -134,9 +134,12 @@ def test_a_frozen_heap_thaws_at_its_end_and_leaves_an_earlier_freeze_alone():
         with host.frozen_heap():
             frozen = gc.get_freeze_count()
             assert frozen >= len(held)
-            after_new = [[] for _ in range(10)]  # made in the block: collected as always, never frozen
-            assert gc.get_freeze_count() == frozen and after_new
+            made_here = [[] for _ in range(10)]  # made in the block: collected as always, never frozen
+            assert gc.get_freeze_count() == frozen and made_here
         assert gc.get_freeze_count() == 0
+        with pytest.raises(RuntimeError, match="stop"), host.frozen_heap():
+            raise RuntimeError("stop")
+        assert gc.get_freeze_count() == 0  # thawed on an error too
         gc.freeze()
         before = gc.get_freeze_count()
         with host.frozen_heap():
@@ -145,6 +148,32 @@ def test_a_frozen_heap_thaws_at_its_end_and_leaves_an_earlier_freeze_alone():
     finally:
         gc.unfreeze()
         if outer:
+            gc.collect()
+            gc.freeze()
+
+
+def test_a_frozen_heap_frees_garbage_left_from_before_instead_of_freezing_it():
+    import gc
+    import weakref
+
+    class Cyclic:
+        pass
+
+    outer = gc.get_freeze_count()
+    gc.unfreeze()
+    try:
+        gc.collect()
+        garbage = Cyclic()
+        garbage.me = garbage  # a reference cycle (as a Keras model is): only a full collection frees it
+        alive = weakref.ref(garbage)
+        del garbage
+        with host.frozen_heap():
+            gc.collect()
+            assert alive() is None
+    finally:
+        gc.unfreeze()
+        if outer:
+            gc.collect()
             gc.freeze()
 
 

@@ -46,14 +46,17 @@ def frozen_heap():
     after import, and every full collection walks them all: about 0.4 s each,
     10 of them in a digits sweep of 7 stacked runs, 4.0-4.4 s of its 38-41 s.
     Frozen (`gc.freeze`), the collections took 0.3 s in all (TensorFlow,
-    2-core CPU). Objects made in the block are collected as always, and the
-    frozen ones rejoin the oldest generation at its end. If something else
-    froze objects before (a test runner, a server), nothing is done: thawing
-    would undo its freeze.
+    2-core CPU). One full collection first, so that garbage left from before
+    (an earlier job's model: Keras models are reference cycles) is freed, not
+    frozen with the rest. Objects made in the block are collected as always,
+    and the frozen ones rejoin the oldest generation at its end. If something
+    else froze objects before (a test runner, a server), nothing is done:
+    thawing would undo its freeze.
     """
     if gc.get_freeze_count():
         yield
         return
+    gc.collect()
     gc.freeze()
     try:
         yield
