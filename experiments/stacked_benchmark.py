@@ -10,8 +10,14 @@ the median of the per-round ratios stacked / sequential. Cases:
 - `wide`: 784-1024-1024-10 at batch 256 on 2,048 random examples (4 lambdas,
   2 epochs): compute-bound on a CPU, so expected near 1 there.
 
-Usage: `python experiments/stacked_benchmark.py [--rounds 3] [--cases digits,wide]`
+Usage: `python experiments/stacked_benchmark.py [--rounds 3] [--cases digits,wide] [--phases]`
 (`KERAS_BACKEND` picks the backend; TensorFlow by default).
+
+`--phases` also says where each sweep's time went (medians over rounds):
+inside `fit`, the compiled train steps (their first call traces), the
+validation at each epoch end, the loggers' epoch ends, and the rest of Keras'
+loop (data iterators, other callbacks); outside `fit`, building the models,
+MLflow and the plots; and, across all of it, Python's garbage collections.
 
 `--fit-only` times `fit` alone, without MLflow (what `experiments/gpu_check.sh`
 runs on a GPU machine, which has no MLflow): K = 8 members of
@@ -25,6 +31,9 @@ fit on a GPU is mostly building and compilation.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import gc
 import os
 import statistics
 import tempfile
@@ -57,7 +66,74 @@ CASES = {
 }
 
 
-def timed(case: str, stacked: bool, root: str) -> float:
+PHASES = ("whole sweep", "fit", "train steps", "validation", "loggers' epoch ends", "rest of fit", "outside fit",
+          "garbage collections")
+
+
+@contextlib.contextmanager
+def phases(into: collections.Counter):
+    """Adds the seconds spent in each of `PHASES` while the block runs to `into` (by wrapping Keras' methods)."""
+    from keras_l2 import MlflowL2Logger
+
+    wrapped, active = [], [True]  # (a model made in the block keeps its timed step: it stops counting after)
+
+    def wrap(owner, name, phase):
+        own = owner.__dict__.get(name)
+        original = getattr(owner, name)
+
+        def timed_method(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                into[phase] += time.perf_counter() - start
+
+        setattr(owner, name, timed_method)
+        wrapped.append((owner, name, own))
+
+    def make_train_function(self, force=False):
+        made = original_make(self, force)
+        step = self.train_function
+        if step is not None and not getattr(step, "_timed", False):
+            def timed_step(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    if active[0]:
+                        into["train steps"] += time.perf_counter() - start
+            timed_step._timed = True
+            self.train_function = timed_step
+        return made
+
+    collecting = []
+
+    def on_collection(phase, info):
+        if phase == "start":
+            collecting.append(time.perf_counter())
+        elif collecting:
+            into["garbage collections"] += time.perf_counter() - collecting.pop()
+
+    wrap(keras.Model, "fit", "fit")
+    wrap(keras.Model, "evaluate", "validation")
+    wrap(MlflowL2Logger, "on_epoch_end", "loggers' epoch ends")
+    original_make = keras.Model.make_train_function
+    wrapped.append((keras.Model, "make_train_function", keras.Model.__dict__.get("make_train_function")))
+    keras.Model.make_train_function = make_train_function
+    gc.callbacks.append(on_collection)
+    try:
+        yield
+    finally:
+        active[0] = False
+        gc.callbacks.remove(on_collection)
+        for owner, name, own in reversed(wrapped):
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+
+def timed(case: str, stacked: bool, root: str, into: collections.Counter | None = None) -> float:
     from keras_l2.search import SweepConfig, run_sweep  # (MLflow: not on the GPU machine)
 
     overrides, model, data = CASES[case]()
@@ -65,9 +141,19 @@ def timed(case: str, stacked: bool, root: str) -> float:
     config = SweepConfig(stacked=stacked, verbose=0, tracking_uri=f"sqlite:///{store}/mlflow.db",
                          results_dir=os.path.join(store, "plots"), spool_dir=os.path.join(store, "spool"),
                          **overrides)
-    start = time.perf_counter()
-    run_sweep(config, model=model, data=data)
-    return time.perf_counter() - start
+    counts = collections.Counter()
+    with phases(counts) if into is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        run_sweep(config, model=model, data=data)
+        seconds = time.perf_counter() - start
+    if into is not None:
+        # Validation runs inside fit, the train steps and the loggers too: "rest of fit" is what is left.
+        counts["whole sweep"] = seconds
+        counts["rest of fit"] = counts["fit"] - counts["train steps"] - counts["validation"] \
+            - counts["loggers' epoch ends"]
+        counts["outside fit"] = seconds - counts["fit"]
+        into.update(counts)
+    return seconds
 
 
 def fit_only(members: int = 8, epochs: int = 4, examples: int = 8192, stacked_first: bool = False) -> dict:
@@ -123,6 +209,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="digits,wide")
     parser.add_argument("--fit-only", action="store_true", help="time fit alone, K=8 wide members, no MLflow")
     parser.add_argument("--epochs", type=int, default=4, help="with --fit-only: epochs per fit (>= 2)")
+    parser.add_argument("--phases", action="store_true", help="also say where each sweep's time went")
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.fit_only and args.epochs < 2):
         parser.error(f"--rounds must be >= 1 and --epochs >= 2; received {args.rounds} and {args.epochs}")
@@ -149,13 +236,16 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
     print(f"backend {keras.backend.backend()}, {os.cpu_count()} CPUs, {args.rounds} interleaved rounds", flush=True)
-    rows = []
+    rows, spent = [], {}
     with tempfile.TemporaryDirectory() as root:
         for case in cases:
             times = {True: [], False: []}
             for round_ in range(args.rounds):
                 for stacked in ((True, False) if round_ % 2 == 0 else (False, True)):
-                    times[stacked].append(timed(case, stacked, root))
+                    counts = collections.Counter() if args.phases else None
+                    times[stacked].append(timed(case, stacked, root, counts))
+                    if counts is not None:
+                        spent.setdefault((case, stacked), []).append(counts)
                 print(f"  {case} round {round_ + 1}: stacked {times[True][-1]:.1f} s, "
                       f"sequential {times[False][-1]:.1f} s", flush=True)
             ratios = [s / q for s, q in zip(times[True], times[False], strict=True)]
@@ -165,6 +255,12 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|")
     for case, sequential, stacked, ratio, low, high in rows:
         print(f"| {case} | {sequential:.1f} | {stacked:.1f} | {ratio:.3f} | {low:.3f}–{high:.3f} |")
+    for case in cases if args.phases else ():
+        print(f"\nWhere the {case} sweeps' time went (s, median over rounds):\n")
+        print("| phase | sequential | stacked |\n|---|---|---|")
+        for phase in PHASES:
+            sequential, stacked = (statistics.median(c[phase] for c in spent[(case, s)]) for s in (False, True))
+            print(f"| {phase} | {sequential:.1f} | {stacked:.1f} |")
 
 
 if __name__ == "__main__":

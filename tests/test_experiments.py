@@ -97,6 +97,29 @@ def test_stacked_benchmark_rejects_an_unknown_case_and_times_a_tiny_fit_only_rou
     assert done.returncode == 0 and "ok True" in done.stdout, done.stderr[-2000:]
 
 
+def test_the_stacked_benchmarks_phases_time_a_fit_and_put_keras_back(monkeypatch):
+    import collections
+
+    import keras
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import stacked_benchmark
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    x, y = np.zeros((8, 3)), np.eye(2)[np.arange(8) % 2]
+    spent = collections.Counter()
+    with stacked_benchmark.phases(spent):
+        model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0)
+    assert spent["fit"] > spent["train steps"] + spent["validation"] and spent["train steps"] > 0
+    assert spent["validation"] > 0
+    assert not {"fit", "evaluate", "make_train_function"} & set(vars(keras.Model))  # Keras' own methods again
+    before = dict(spent)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert spent == before
+
+
 @pytest.mark.multiprocess  # starts a script (about 4 minutes): make test-multiprocess
 def test_tune_on_the_default_digits_is_as_good_as_a_14_point_grid():
     # The issue's quality bar for the default case: tune's validation data loss within 2% of the grid's best.
