@@ -109,15 +109,26 @@ def test_the_stacked_benchmarks_phases_time_a_fit_and_put_keras_back(monkeypatch
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     x, y = np.zeros((8, 3)), np.eye(2)[np.arange(8) % 2]
+    import gc
+
+    from keras_l2 import MlflowL2Logger
+
+    hooks = {name: vars(MlflowL2Logger)[name] for name in ("on_train_begin", "on_epoch_end", "on_train_end")}
+    callbacks = list(gc.callbacks)
     spent = collections.Counter()
     with stacked_benchmark.phases(spent):
         model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0)
     assert spent["fit"] > spent["train steps"] + spent["validation"] and spent["train steps"] > 0
     assert spent["validation"] > 0
     assert not {"fit", "evaluate", "make_train_function"} & set(vars(keras.Model))  # Keras' own methods again
+    assert {name: vars(MlflowL2Logger)[name] for name in hooks} == hooks and gc.callbacks == callbacks
     before = dict(spent)
     model.fit(x, y, epochs=1, verbose=0)
     assert spent == before
+    with pytest.raises(RuntimeError, match="stop"), stacked_benchmark.phases(collections.Counter()):
+        model.fit(x, y, epochs=1, verbose=0)
+        raise RuntimeError("stop")
+    assert not {"fit", "evaluate", "make_train_function"} & set(vars(keras.Model)) and gc.callbacks == callbacks
 
 
 @pytest.mark.multiprocess  # starts a script (about 4 minutes): make test-multiprocess

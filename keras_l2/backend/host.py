@@ -45,20 +45,22 @@ def frozen_heap():
     TensorFlow, JAX, PyTorch and MLflow leave millions of long-lived objects
     after import, and every full collection walks them all: about 0.4 s each,
     10 of them in a digits sweep of 7 stacked runs, 4.0-4.4 s of its 38-41 s.
-    Frozen (`gc.freeze`), the collections took 0.3 s in all (TensorFlow,
-    2-core CPU). One full collection first, so that garbage left from before
-    (an earlier job's model: Keras models are reference cycles) is freed, not
-    frozen with the rest. Objects made in the block are collected as always,
-    and the frozen ones rejoin the oldest generation at its end. If something
-    else froze objects before (a test runner, a server), nothing is done:
-    thawing would undo its freeze.
+    Frozen (`gc.freeze`), the sweep's collections took 0.3-2.3 s in all
+    (TensorFlow, 2-core CPU; the rest walk what the sweep itself made). One
+    full collection first, so that garbage left from before (an earlier job's
+    model: Keras models are reference cycles) is freed, not frozen with the
+    rest. Objects made in the block are collected as always; frozen ones that
+    become cyclic garbage in it wait for its end, when all frozen objects
+    rejoin the oldest generation (a `gc.freeze` someone makes inside the block
+    included). If something else froze objects before (a test runner, a
+    server), nothing is done: thawing would undo its freeze.
     """
     if gc.get_freeze_count():
         yield
         return
     gc.collect()
-    gc.freeze()
     try:
+        gc.freeze()
         yield
     finally:
         gc.unfreeze()
