@@ -45,7 +45,7 @@ def frozen_heap():
     TensorFlow, JAX, PyTorch and MLflow leave millions of long-lived objects
     after import, and every full collection walks them all: about 0.4 s each,
     10 of them in a digits sweep of 7 stacked runs, 4.0-4.4 s of its 38-41 s.
-    Frozen (`gc.freeze`), the sweep's collections took 0.3-2.3 s in all
+    Frozen (`gc.freeze`), the sweep's collections took 0.3-2.5 s in all
     (TensorFlow, 2-core CPU; the rest walk what the sweep itself made). One
     full collection first, so that garbage left from before (an earlier job's
     model: Keras models are reference cycles) is freed, not frozen with the
