@@ -82,33 +82,26 @@ def phases(into: collections.Counter):
 
     wrapped, active = [], [True]  # (a model made in the block keeps its timed step: it stops counting after)
 
-    def wrap(owner, name, phase):
-        own = owner.__dict__.get(name)
-        original = getattr(owner, name)
-
-        def timed_method(*args, **kwargs):
+    def timing(function, phase):
+        def timed_call(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
-                into[phase] += time.perf_counter() - start
+                if active[0]:
+                    into[phase] += time.perf_counter() - start
 
-        setattr(owner, name, timed_method)
-        wrapped.append((owner, name, own))
+        timed_call.timed = True
+        return timed_call
+
+    def replace(owner, name, replacement):
+        wrapped.append((owner, name, owner.__dict__.get(name)))
+        setattr(owner, name, replacement)
 
     def make_train_function(self, force=False):
         made = original_make(self, force)
-        step = self.train_function
-        if step is not None and not getattr(step, "_timed", False):
-            def timed_step(*args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return step(*args, **kwargs)
-                finally:
-                    if active[0]:
-                        into["train steps"] += time.perf_counter() - start
-            timed_step._timed = True
-            self.train_function = timed_step
+        if self.train_function is not None and not getattr(self.train_function, "timed", False):
+            self.train_function = timing(self.train_function, "train steps")
         return made
 
     collecting = []
@@ -119,13 +112,12 @@ def phases(into: collections.Counter):
         elif collecting:
             into["garbage collections"] += time.perf_counter() - collecting.pop()
 
-    wrap(keras.Model, "fit", "fit")
-    wrap(keras.Model, "evaluate", "validation")
-    for hook in ("on_train_begin", "on_epoch_end", "on_train_end"):
-        wrap(MlflowL2Logger, hook, "loggers")
     original_make = keras.Model.make_train_function
-    wrapped.append((keras.Model, "make_train_function", keras.Model.__dict__.get("make_train_function")))
-    keras.Model.make_train_function = make_train_function
+    replace(keras.Model, "make_train_function", make_train_function)
+    replace(keras.Model, "fit", timing(keras.Model.fit, "fit"))
+    replace(keras.Model, "evaluate", timing(keras.Model.evaluate, "validation"))
+    for hook in ("on_train_begin", "on_epoch_end", "on_train_end"):
+        replace(MlflowL2Logger, hook, timing(getattr(MlflowL2Logger, hook), "loggers"))
     gc.callbacks.append(on_collection)
     try:
         yield
